@@ -83,6 +83,103 @@ def json_option():
 
 # --- download-weights (issue 2) ---
 
+
+@app.command("download-weights")
+@handle_errors
+def download_weights(
+    ctx: typer.Context,
+    names: Optional[List[str]] = typer.Argument(
+        None, metavar="NAME|PACK",
+        help="Registry files or packs to fetch (a pack fetches its generator, CLIP, identity net, ...)."),
+    all_files: bool = typer.Option(False, "--all", help="Fetch every file in the registry."),
+    list_only: bool = typer.Option(False, "--list",
+                                   help="Print the files (name, kind, size, license, cached) and packs, then exit."),
+    registry_file: Optional[Path] = typer.Option(None, "--registry", dir_okay=False,
+                                                 help="Registry TOML to use instead of the packaged weights.toml."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fetch pretrained weights into the cache ($CLIP2GAN_HOME), verified by size and sha256."""
+    from . import weights
+
+    registry = weights.load_registry(registry_file)
+    for note in registry.notes:
+        err(f"Note: {note}")
+    if list_only:
+        _print_registry(registry)
+        return
+    if all_files and names:
+        ctx.fail("give NAMEs or --all, not both")
+    if not all_files and not names:
+        ctx.fail("name at least one file or pack, or use --all or --list")
+    entries = list(registry.files.values()) if all_files else []
+    for name in names or []:
+        pack = registry.packs.get(name)
+        if pack is not None and pack.builtin:
+            err(f"Pack '{name}' is builtin: its files ship with clip2gan, nothing to download.")
+        elif pack is not None and not pack.mapper:
+            err(f"Note: pack '{name}' has no trained mapper yet; make one with "
+                f"`clip2gan train --pack {name} --export-pack {name}`.")
+        entries += [entry for entry in registry.files_for(name) if entry not in entries]
+    for entry in entries:
+        path = weights.fetch(entry.name, registry=registry, progress=not quiet)
+        typer.echo(f"{entry.name}: {path}")
+        if entry.format in weights.CONVERTIBLE_FORMATS:
+            converted = _convert_checkpoint(path)
+            if converted is not None:
+                typer.echo(f"{entry.name}: {converted}")
+
+
+def _convert_checkpoint(path: Path) -> Optional[Path]:
+    """Convert a fetched pickle / rosinality checkpoint to safetensors once (when the converter exists)."""
+    try:
+        from .stylegan2 import convert
+    except ModuleNotFoundError as error:
+        if error.name == f"{__package__}.stylegan2.convert":
+            return None  # the converter has not landed yet (issue 3)
+        raise
+    convert_checkpoint = getattr(convert, "convert_checkpoint", None)
+    return convert_checkpoint(path) if convert_checkpoint is not None else None
+
+
+def _print_registry(registry) -> None:
+    """Rich tables of the registry's files and packs on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import weights
+
+    files = Table(title=f"Files ({registry.source})", title_justify="left")
+    for column in ("name", "kind", "size", "license", "cached"):
+        files.add_column(column, no_wrap=column != "license")
+    for entry in registry.files.values():
+        files.add_row(entry.name, entry.format, _human_size(entry.size), entry.license,
+                      "yes" if weights.is_cached(entry) else "no")
+    packs = Table(title="Packs", title_justify="left")
+    for column in ("name", "generator", "clip", "mapper", "identity", "cached"):
+        packs.add_column(column, overflow="fold", no_wrap=column in ("name", "cached"))
+    for pack in registry.packs.values():
+        if pack.builtin:
+            packs.add_row(pack.name, "builtin", pack.clip_model or "builtin", "builtin", "-", "yes")
+            continue
+        needed = registry.files_for(pack.name)
+        cached = all(weights.is_cached(entry) for entry in needed)
+        packs.add_row(pack.name + (" (local)" if pack.local else ""), pack.generator,
+                      f"{pack.clip_model}/{pack.clip_pretrained}", pack.mapper or "not trained yet",
+                      pack.identity or "-", "yes" if cached else "no")
+    console = Console()
+    console.print(files)
+    console.print(packs)
+
+
+def _human_size(size: Optional[int]) -> str:
+    if size is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} GB"
+
 # --- generate / edit / interpolate (issue 4) ---
 
 # --- train (issue 5) ---
