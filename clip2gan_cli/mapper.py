@@ -1,0 +1,244 @@
+"""The CLIP2GAN mapping network M: a CLIP feature -> a W+ code of a frozen StyleGAN2 generator.
+
+Paper: 12 fully connected layers, each followed by LeakyReLU(0.2). Output parametrisation (our
+choice, written down here because the paper does not say): W-space values are signed and centred on
+the generator's average latent `w_avg`, so the network predicts an offset from `w_avg` and adds it:
+
+    W+ = w_offset + reshape(LeakyReLU(FC_12(... LeakyReLU(FC_1(sqrt(D) * f)) ...)), [num_ws, w_dim])
+
+- `w_offset` is a buffer holding the generator's `w_avg` (set by `set_w_offset`; zeros until then),
+  saved with the weights. An untrained mapper therefore already yields the average image.
+- The LeakyReLU after the last layer is kept by default (`final_activation=True`, the paper); with
+  the offset it only makes negative offsets 5x "cheaper", never unreachable. Set it False for a
+  linear last layer.
+- CLIP features are unit length, so each component is ~1/sqrt(D); they are scaled by sqrt(D) so the
+  first layer sees unit-variance inputs. Hidden layers use He init for LeakyReLU(0.2); the last layer
+  is scaled by `output_gain` (0.1) so the initial offsets are small.
+
+`MapperConfig` (sizes, activation and the L_div noise settings) is saved as JSON in the safetensors
+metadata, so `load_mapper(path)` rebuilds the network without flags and `generate` uses the same
+feature perturbation that training used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, UserInputError
+from .fileutil import atomic_path
+
+CONFIG_METADATA_KEY = "clip2gan.mapper_config"
+FORMAT_METADATA_KEY = "clip2gan.format"
+FORMAT_NAME = "clip2gan-mapper-v1"
+NOISE_MODES = ("multiplicative", "additive", "none")
+
+
+@dataclass
+class MapperConfig:
+    """Everything needed to rebuild a Mapper, plus the feature noise it was trained with."""
+
+    clip_dim: int                          # size of the CLIP feature (embed_dim)
+    num_ws: int                            # number of W vectors in W+ (generator.num_ws)
+    w_dim: int                             # size of one W vector (generator.w_dim)
+    hidden_dim: int = 512                  # width of the hidden layers
+    num_layers: int = 12                   # fully connected layers in all (paper: 12)
+    negative_slope: float = 0.2            # LeakyReLU slope (paper: 0.2)
+    final_activation: bool = True          # LeakyReLU after the last layer too (paper)
+    output_gain: float = 0.1               # init scale of the last layer (small initial offsets)
+    noise_mode: str = "multiplicative"     # feature perturbation of L_div and generate (NOISE_MODES)
+    noise_strength: float = 0.6            # its standard deviation (paper: variance 0.36)
+
+    def __post_init__(self):
+        if min(self.clip_dim, self.num_ws, self.w_dim, self.hidden_dim) < 1 or self.num_layers < 1:
+            raise UserInputError(f"invalid mapper sizes: {self}")
+        if self.noise_mode not in NOISE_MODES:
+            raise UserInputError(f"unknown noise mode '{self.noise_mode}'", hint=f"expected {', '.join(NOISE_MODES)}")
+        if not self.noise_strength >= 0:
+            raise UserInputError(f"noise strength must be >= 0, got {self.noise_strength}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MapperConfig":
+        """Rebuild from a dict; unknown keys are rejected by name (a file from a newer version)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CheckpointError(f"mapper config has unknown key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+class Mapper(nn.Module):
+    """CLIP feature `[N, clip_dim]` -> W+ `[N, num_ws, w_dim]` (see the module docstring)."""
+
+    def __init__(self, clip_dim: int | None = None, num_ws: int | None = None, w_dim: int | None = None,
+                 hidden_dim: int = 512, num_layers: int = 12, negative_slope: float = 0.2,
+                 final_activation: bool = True, output_gain: float = 0.1,
+                 noise_mode: str = "multiplicative", noise_strength: float = 0.6,
+                 config: MapperConfig | None = None):
+        super().__init__()
+        if config is None:
+            if clip_dim is None or num_ws is None or w_dim is None:
+                raise UserInputError("Mapper needs clip_dim, num_ws and w_dim (or a MapperConfig)")
+            config = MapperConfig(clip_dim, num_ws, w_dim, hidden_dim, num_layers, negative_slope,
+                                  final_activation, output_gain, noise_mode, noise_strength)
+        self.config = config
+        widths = [config.clip_dim] + [config.hidden_dim] * (config.num_layers - 1) + [config.num_ws * config.w_dim]
+        self.layers = nn.ModuleList(nn.Linear(w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:]))
+        self.register_buffer("w_offset", torch.zeros(config.w_dim))
+        self.reset_parameters()
+
+    # The paper's symbols, as on the generator.
+    @property
+    def clip_dim(self) -> int:
+        return self.config.clip_dim
+
+    @property
+    def num_ws(self) -> int:
+        return self.config.num_ws
+
+    @property
+    def w_dim(self) -> int:
+        return self.config.w_dim
+
+    def reset_parameters(self) -> None:
+        """He init for LeakyReLU in hidden layers; the last layer scaled down by `output_gain`."""
+        gain = math.sqrt(2.0 / (1.0 + self.config.negative_slope ** 2))
+        for index, layer in enumerate(self.layers):
+            std = gain / math.sqrt(layer.in_features)
+            if index == len(self.layers) - 1:
+                std *= self.config.output_gain
+            nn.init.normal_(layer.weight, 0.0, std)
+            nn.init.zeros_(layer.bias)
+
+    @torch.no_grad()
+    def set_w_offset(self, w_avg: torch.Tensor) -> None:
+        """Centre the output on the generator's average latent (call once before training)."""
+        self.w_offset.copy_(w_avg.detach().reshape(-1).to(self.w_offset))
+
+    def forward(self, clip_features: torch.Tensor) -> torch.Tensor:
+        """W+ codes `[N, num_ws, w_dim]` for CLIP features `[N, clip_dim]`."""
+        if clip_features.ndim != 2 or clip_features.shape[1] != self.config.clip_dim:
+            raise UserInputError(f"mapper expects CLIP features [N, {self.config.clip_dim}], "
+                                 f"got {tuple(clip_features.shape)}")
+        x = clip_features.to(self.w_offset.dtype) * math.sqrt(self.config.clip_dim)
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < last or self.config.final_activation:
+                x = F.leaky_relu(x, self.config.negative_slope)
+        return x.view(-1, self.config.num_ws, self.config.w_dim) + self.w_offset
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"clip_dim={c.clip_dim}, num_ws={c.num_ws}, w_dim={c.w_dim}, hidden_dim={c.hidden_dim}, "
+                f"num_layers={c.num_layers}, noise={c.noise_mode}:{c.noise_strength}")
+
+
+def perturb_clip_features(features: torch.Tensor, mode: str = "multiplicative", strength: float = 0.6,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """The feature noise of L_div (training) and of `generate` (one prompt -> many images).
+
+    The paper adds "Gaussian noise with mean 1 and variance 0.36" to the CLIP feature. Adding a
+    mean-1 offset would shift every feature by the same vector, so we read it as:
+    - "multiplicative" (default): f1 = normalize(f * e), e ~ N(1, strength^2) per dimension;
+    - "additive": f1 = normalize(f + strength * e / sqrt(D)), e ~ N(0, 1): noise at the scale of one
+      component of a unit vector;
+    - "none": f unchanged.
+    The noise is drawn on the CPU from `generator` (reproducible across devices) and the result is
+    L2-normalised like every CLIP feature.
+    """
+    if mode == "none" or strength == 0:
+        return features
+    if mode not in NOISE_MODES:
+        raise UserInputError(f"unknown noise mode '{mode}'", hint=f"expected {', '.join(NOISE_MODES)}")
+    noise = torch.randn(features.shape, generator=generator, dtype=torch.float32).to(features.device)
+    if mode == "multiplicative":
+        perturbed = features * (1.0 + strength * noise)
+    else:
+        perturbed = features + strength * noise / math.sqrt(features.shape[-1])
+    return F.normalize(perturbed, dim=-1)
+
+
+def save_mapper(mapper: Mapper, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write weights + config (JSON in the safetensors metadata) atomically; returns the path."""
+    from safetensors.torch import save_file
+
+    header = {str(k): str(v) for k, v in (metadata or {}).items()}
+    header[FORMAT_METADATA_KEY] = FORMAT_NAME
+    header[CONFIG_METADATA_KEY] = json.dumps(mapper.config.to_dict(), sort_keys=True)
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in mapper.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return Path(path)
+
+
+def read_mapper_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of a mapper file (config JSON and anything the trainer stored)."""
+    from safetensors import safe_open
+
+    path = _existing_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read mapper {path}: {_first_line(error)}") from error
+
+
+def load_mapper(path: str | Path, device: torch.device | str | None = None) -> Mapper:
+    """Rebuild a Mapper from a file written by `save_mapper` (no flags needed)."""
+    from safetensors.torch import load_file
+
+    path = _existing_file(path)
+    metadata = read_mapper_metadata(path)
+    if CONFIG_METADATA_KEY not in metadata:
+        raise CheckpointError(f"{path} is not a clip2gan mapper (no mapper config in its metadata)")
+    try:
+        config = MapperConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    except (ValueError, TypeError, UserInputError) as error:
+        raise CheckpointError(f"mapper {path} has an invalid config: {_first_line(error)}") from error
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as error:
+        raise CheckpointError(f"cannot read mapper {path}: {_first_line(error)}") from error
+    mapper = Mapper(config=config)
+    try:
+        mapper.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"mapper {path} does not match its own config: {_first_line(error)}") from error
+    return mapper.to(device) if device is not None else mapper
+
+
+def check_compatible(mapper: Mapper, generator: nn.Module, clip: nn.Module | None = None) -> None:
+    """CheckpointError unless the mapper's input/output shapes fit this CLIP and generator."""
+    expected = (int(generator.num_ws), int(generator.w_dim))
+    if (mapper.num_ws, mapper.w_dim) != expected:
+        raise CheckpointError(
+            f"mapper for another generator: it makes W+ of {mapper.num_ws}x{mapper.w_dim}, "
+            f"this generator takes {expected[0]}x{expected[1]}",
+            hint="train a mapper for this generator with `clip2gan train`")
+    if clip is not None and mapper.clip_dim != int(clip.embed_dim):
+        raise CheckpointError(
+            f"mapper for another CLIP model: it takes {mapper.clip_dim}-d features, "
+            f"this CLIP gives {int(clip.embed_dim)}-d")
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"mapper file not found: {path}")
+    return path
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
