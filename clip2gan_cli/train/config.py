@@ -1,0 +1,289 @@
+"""`TrainConfig`: every knob of `clip2gan train` as one data object (TOML in, TOML out).
+
+Loaded from a TOML file plus `--set key=value` style overrides; unknown keys are rejected by
+name; the resolved config is written to `<run>/config.toml` so a run can be read back and resumed.
+No torch here: `--dry-run` and `--help` stay fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserInputError
+
+DIV_MODES = ("multiplicative", "additive")
+LPIPS_NETS = ("alex", "vgg", "none")
+LPIPS_BACKBONES = ("registry", "random")
+IDENTITY_CHOICES = ("auto", "on", "off")
+
+
+@dataclass
+class TrainConfig:
+    """The whole training recipe. Each default carries the reason it was chosen."""
+
+    # --- models -------------------------------------------------------------------------------
+    # A pack name (registry or local) gives G, D, CLIP and identity in one go; empty when
+    # `generator` + `clip` are given instead (how the shapes pack itself is trained).
+    pack: str = ""
+    # Generator source (registry name, .pkl/.pt/.safetensors path) when no pack is named.
+    generator: str = ""
+    # CLIP as "MODEL:TAG" (open_clip), a registry name or a local CLIP file, when no pack is named.
+    clip: str = ""
+    # StyleGAN2 kernels: "auto" uses the fused ops where they build, else the reference ones.
+    backend: str = "auto"
+    # Mapper hidden width; 0 keeps the mapper module's own default (the paper's 512-wide MLP).
+    mapper_hidden_dim: int = 0
+
+    # --- data ---------------------------------------------------------------------------------
+    # "synthetic" (images sampled from the frozen G: needs no dataset) or a folder of images.
+    data: str = "synthetic"
+    # Fraction of each batch drawn from G when `data` is a folder (0 = real images only);
+    # a little synthetic data covers G's range even where the real set is thin.
+    synthetic_ratio: float = 0.0
+    # Truncation psi for synthetic images: 0.7 keeps samples on the well-trained part of W
+    # (StyleGAN2's own default for curated samples) while staying diverse.
+    synthetic_truncation: float = 0.7
+    # Align faces with MTCNN before cropping (face packs fed unaligned photos).
+    align_faces: bool = False
+    # DataLoader worker processes for folder data; 2 keeps decoding off the training thread
+    # without oversubscribing small machines.
+    num_workers: int = 2
+
+    # --- schedule -----------------------------------------------------------------------------
+    # Total optimiser steps of the run (a resumed run continues up to this number).
+    steps: int = 100_000
+    # Images per optimiser step per process; 8 fits a 1024px G on a 24 GB GPU with all losses.
+    batch_size: int = 8
+    # Micro-batches accumulated per optimiser step (effective batch = batch_size * grad_accum).
+    grad_accum: int = 1
+    # Mapper Adam: lr 1e-4 with the usual (0.9, 0.999) betas is stable for a 12-layer MLP
+    # regressing W+ (larger rates overshoot the narrow W+ manifold).
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    # Discriminator Adam: WGAN-GP recommends beta1=0, beta2=0.9 (Gulrajani et al. 2017).
+    d_lr: float = 1e-4
+    d_beta1: float = 0.0
+    d_beta2: float = 0.9
+    # Critic updates per mapper update; 1 because D starts from the pack's trained D (5 is
+    # the WGAN-GP default for a critic trained from scratch: raise it when D is fresh).
+    d_steps_per_m_step: int = 1
+    # Gradient-penalty weight: 10 as in WGAN-GP.
+    gp_weight: float = 10.0
+    # EMA of the mapper weights (what mapper.safetensors holds): 0.999 averages over ~1k steps,
+    # smoothing the adversarial noise without lagging a long run.
+    ema_decay: float = 0.999
+
+    # --- losses -------------------------------------------------------------------------------
+    # L2 reconstruction: the main signal that ties M(f) to the image; weight 1 sets the scale.
+    lambda_rec: float = 1.0
+    # LPIPS: 0.8 as in pSp/e4e encoders, which balance L2 and LPIPS about equally in magnitude.
+    lambda_lpips: float = 0.8
+    # WGAN-GP adversarial term: small (0.1) so it sharpens details without fighting L_rec.
+    lambda_adv: float = 0.1
+    # Identity (face packs only): 0.1 as in pSp's ID loss weight for FFHQ encoders.
+    lambda_id: float = 0.1
+    # Diversity (mode seeking): 0.1 keeps noise-perturbed features from collapsing onto one image
+    # without dominating reconstruction.
+    lambda_div: float = 0.1
+    # Feature perturbation for L_div and for generate at inference (see mapper.perturb_clip_features):
+    # "multiplicative" = f * N(1, std^2) per dimension then re-normalise (the paper's "mean 1,
+    # variance 0.36" read as a multiplicative factor); "additive" = f + std/sqrt(d) * N(0, 1).
+    div_mode: str = "multiplicative"
+    # 0.6 = sqrt(0.36), the paper's variance.
+    div_std: float = 0.6
+    # Epsilon in the ratio's denominator so identical images do not divide by zero.
+    div_eps: float = 1e-5
+    # LPIPS trunk: "alex" is the LPIPS authors' recommended forward metric and 4x cheaper than vgg;
+    # "none" switches L_LPIPS off.
+    lpips_net: str = "alex"
+    # Where the LPIPS trunk weights come from: "registry" (torchvision-alexnet / torchvision-vgg16,
+    # fetched by clip2gan, never by lpips) or "random" (seeded random trunk: the substitute for
+    # offline packs such as shapes, whose images are flat colours; random conv features still
+    # compare local edges and colours, which is what a perceptual term adds over L2 there).
+    lpips_backbone: str = "registry"
+    # Identity loss: "auto" = on when the pack names an identity network (face packs), else off.
+    identity: str = "auto"
+
+    # --- engine -------------------------------------------------------------------------------
+    # Mixed precision: fp32 default (exact and reproducible); bf16/fp16 autocast on CUDA.
+    precision: str = "fp32"
+    # torch.compile the mapper (worth it only on long GPU runs; compile time is minutes).
+    compile: bool = False
+    # Seed for every random draw (data order, synthetic z, noise, D init, GP mixing).
+    seed: int = 0
+    # Device spec as everywhere else: auto | cpu | cuda | cuda:N | mps.
+    device: str = "auto"
+
+    # --- outputs ------------------------------------------------------------------------------
+    # Checkpoint every N steps (and always at the end): 1000 steps is minutes on a GPU, so a
+    # crash loses little while checkpoint I/O stays negligible.
+    checkpoint_every: int = 1000
+    # Keep this many newest checkpoints (older ones are removed after a newer one is safe).
+    keep_checkpoints: int = 3
+    # Sample sheet every N steps: frequent enough to watch, rare enough to cost < 1% of time.
+    sample_every: int = 500
+    # Metrics line (JSONL, TensorBoard, progress bar postfix) every N steps.
+    log_every: int = 50
+    # Held-out images (and their reconstructions) shown in each sample sheet.
+    num_sample_images: int = 8
+    # Fixed prompts whose generations are shown in each sample sheet.
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a smiling woman with blond hair", "an old man with a beard",
+        "a red circle on a white background", "a small blue square",
+    ])
+
+    def validate(self) -> "TrainConfig":
+        """Check value ranges and choices; raise UserInputError naming the first bad key."""
+        positive_ints = ("steps", "batch_size", "grad_accum", "d_steps_per_m_step", "checkpoint_every",
+                         "sample_every", "log_every", "keep_checkpoints")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise UserInputError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "num_sample_images", "mapper_hidden_dim"):
+            if getattr(self, name) < 0:
+                raise UserInputError(f"config: {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "d_lr", "div_eps", "div_std"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise UserInputError(f"config: {name} must be a positive number, got {value}")
+        for name in ("lambda_rec", "lambda_lpips", "lambda_adv", "lambda_id", "lambda_div", "gp_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UserInputError(f"config: {name} must be >= 0, got {value}")
+        for name in ("beta1", "beta2", "d_beta1", "d_beta2", "ema_decay", "synthetic_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise UserInputError(f"config: {name} must be in [0, 1], got {value}")
+        if not 0.0 < self.synthetic_truncation <= 2.0:
+            raise UserInputError(f"config: synthetic_truncation must be in (0, 2], got {self.synthetic_truncation}")
+        choices = {"div_mode": DIV_MODES, "lpips_net": LPIPS_NETS, "lpips_backbone": LPIPS_BACKBONES,
+                   "identity": IDENTITY_CHOICES, "precision": ("fp32", "fp16", "bf16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserInputError(f"config: {name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
+        if not self.data:
+            raise UserInputError("config: data is empty", hint="give --data DIR or --data synthetic")
+        if self.data == "synthetic" and self.synthetic_ratio not in (0.0, 1.0):
+            raise UserInputError("config: synthetic_ratio mixes a folder with G samples; it needs --data DIR")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (lists copied)."""
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The config as TOML text (flat keys, in declaration order)."""
+        lines = ["# clip2gan train config (resolved; every key of TrainConfig)"]
+        for item in fields(self):
+            lines.append(f"{item.name} = {_toml_value(getattr(self, item.name), item.name)}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a dict, rejecting unknown keys and wrongly typed values by name."""
+        config = cls()
+        return config.updated(values, source)
+
+    def updated(self, values: dict[str, Any], source: str = "override") -> "TrainConfig":
+        """A copy with `values` applied (same checks as from_dict), validated."""
+        known = {item.name: item for item in fields(self)}
+        current = self.to_dict()
+        for key, value in values.items():
+            if key not in known:
+                raise UserInputError(f"{source}: unknown key '{key}'",
+                                     hint="see `clip2gan train --dry-run` for every key")
+            current[key] = _coerce(key, value, type(current[key]) if current[key] is not None else str, source)
+        return TrainConfig(**current).validate()
+
+
+def _coerce(key: str, value: Any, expected: type, source: str) -> Any:
+    """Check a TOML value against the field's type (ints are accepted where floats are)."""
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    elif expected is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    raise UserInputError(f"{source}: key '{key}' expects {expected.__name__}, got {value!r}")
+
+
+def _toml_value(value: Any, key: str) -> str:
+    """Format one value as TOML (the types TrainConfig uses: bool, int, float, str, list[str])."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UserInputError(f"config: {key} is not finite ({value})")
+        return repr(value)  # repr round-trips floats exactly; TOML accepts '1e-05' and '0.1'
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v, key) for v in value) + "]"
+    raise TypeError(f"cannot write {key}={value!r} as TOML")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string with the escapes TOML requires."""
+    out = []
+    for char in text:
+        if char == "\\":
+            out.append("\\\\")
+        elif char == '"':
+            out.append('\\"')
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `key=value` override; the value is read as TOML (falling back to a string)."""
+    if "=" not in text:
+        raise UserInputError(f"--set {text!r}: expected key=value")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words such as vgg or multiplicative
+    return key, value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into a dict (UserInputError when missing or malformed)."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserInputError(f"config file {path} cannot be read: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserInputError(f"config file {path} is not valid TOML: {error}") from None
+
+
+def load_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                base: TrainConfig | None = None) -> TrainConfig:
+    """Defaults (or `base`) <- TOML file <- overrides, validated; unknown keys rejected by name."""
+    config = base or TrainConfig()
+    if config_file is not None:
+        config = config.updated(read_toml(config_file), source=str(config_file))
+    if overrides:
+        config = config.updated(overrides, source="command line")
+    return config.validate()

@@ -1,0 +1,783 @@
+"""The CLIP2GAN training loop: text-free training of the mapper M with a frozen CLIP and a frozen G.
+
+    image x -> f = CLIP(x) -> M(f) = W+ -> G -> x'      (and f1 = perturb(f) -> G(M(f1)) for L_div)
+
+Read `run_training` top to bottom: set-up, resume, then one loop of
+  1. critic steps (WGAN-GP) on real x vs detached x',
+  2. one mapper step on lambda_rec*L_rec + lambda_lpips*L_LPIPS + lambda_adv*L_G + lambda_id*L_id
+     + lambda_div*L_div, accumulated over `grad_accum` micro-batches,
+  3. EMA update, logging, sample sheets, checkpoints.
+
+Reproducibility: every random draw of a step (batch, synthetic z, feature noise, GP mixing) comes
+from a CPU generator seeded by (seed, step, rank), so a run resumed from a checkpoint takes exactly
+the steps the uninterrupted run would have taken. Multi-process runs (torchrun) wrap the mapper in
+DistributedDataParallel; only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..device import place_model, resolve_device, resolve_dtype
+from ..errors import CheckpointError, OutputError, TrainingError, UserInputError
+from ..fileutil import atomic_path, atomic_write_text, ensure_writable_dir
+from ..mapper import Mapper, check_compatible, perturb_clip_features, save_mapper
+from . import losses as L
+from .config import TrainConfig, load_config, read_toml
+from .data import STREAM_D_INIT, STREAM_GP, STREAM_NOISE, SyntheticSource, build_batches, step_generator
+
+CHECKPOINT_FORMAT = "clip2gan-train-v1"
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.pt$")
+LOSS_NAMES = ("rec", "lpips", "adv", "id", "div")
+
+
+# --------------------------------------------------------------------------------------------
+# What the loop trains against
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainModels:
+    """The frozen networks (and optional initial D) a run trains the mapper against.
+
+    `sources` describes where they came from (saved in checkpoints and mapper metadata, and used
+    by --export-pack): keys generator, clip_model, clip_pretrained, clip_weights, discriminator, identity.
+    """
+
+    generator: nn.Module
+    clip: nn.Module
+    discriminator: nn.Module | None = None       # initial critic (the pack's D); None -> fresh
+    identity: nn.Module | None = None            # facenet embedder for L_id; None -> L_id off
+    perceptual: nn.Module | None = None          # L_LPIPS module; None -> built from the config
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    steps: int
+    mapper_path: Path
+    final_losses: dict[str, float]
+    steps_per_second: float
+    exported_pack: str | None = None
+
+
+@dataclass
+class DistributedContext:
+    """Rank layout of this process (world_size 1 when not started by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+def run_training(config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
+                 models: TrainModels | None = None, export_pack: str | None = None,
+                 progress: bool = True, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train (or resume training) a mapper into `run_dir`; see the module docstring.
+
+    `models` injects ready networks (tests, scripts); otherwise they are built from the config's
+    pack or generator + clip. Raises UserInputError / OutputError for a bad run directory,
+    CheckpointError for an incompatible resume, TrainingError for a non-finite loss.
+    """
+    log = log or _stderr
+    config = config.validate()
+    run_dir = Path(run_dir)
+    dist_ctx = init_distributed(config.device)
+    try:
+        return _run(config, run_dir, resume, models, export_pack, progress, log, dist_ctx)
+    finally:
+        if dist_ctx.initialised_here:
+            torch.distributed.destroy_process_group()
+
+
+def _run(config: TrainConfig, run_dir: Path, resume: bool, models: TrainModels | None,
+         export_pack: str | None, progress: bool, log: Callable[[str], None],
+         dist_ctx: DistributedContext) -> TrainResult:
+    # --- where, with what precision -------------------------------------------------------------
+    device = _device_for(config.device, dist_ctx)
+    amp_dtype = resolve_dtype(config.precision, device)
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext())
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    if dist_ctx.is_main:
+        prepare_run_dir(run_dir, resume)
+    _barrier(dist_ctx)
+
+    # --- frozen networks ------------------------------------------------------------------------
+    models = models or build_models(config, device)
+    generator = place_model(models.generator, device)
+    clip = place_model(models.clip, device)
+    identity = None
+    if config.lambda_id > 0 and config.identity != "off":
+        if models.identity is None and config.identity == "on":
+            raise UserInputError("identity = 'on' but this pack has no identity network",
+                                 hint="set identity = 'off' (non-face packs) or use a face pack")
+        identity = L.IdentityLoss(place_model(models.identity, device)) if models.identity is not None else None
+    perceptual = None
+    if config.lambda_lpips > 0 and config.lpips_net != "none":
+        perceptual = models.perceptual or L.build_perceptual_loss(config.lpips_net, config.lpips_backbone, config.seed)
+        perceptual = place_model(perceptual, device)
+
+    # --- trainable networks: mapper (+ EMA) and critic, seeded so every rank starts equal --------
+    torch.manual_seed(config.seed)
+    mapper = Mapper(clip_dim=int(clip.embed_dim), num_ws=int(generator.num_ws), w_dim=int(generator.w_dim),
+                    noise_mode=config.div_mode, noise_strength=config.div_std,
+                    **({"hidden_dim": config.mapper_hidden_dim} if config.mapper_hidden_dim else {}))
+    mapper.set_w_offset(generator.w_avg)
+    mapper = place_model(mapper, device, trainable=True).train()
+    mapper_ema = place_model(copy.deepcopy(mapper), device)  # frozen copy, updated by lerp
+    use_adversarial = config.lambda_adv > 0
+    discriminator = None
+    if use_adversarial:
+        discriminator = models.discriminator
+        if discriminator is None:
+            discriminator = _fresh_discriminator(generator, config.seed)
+        discriminator = place_model(discriminator, device, dtype=torch.float32, trainable=True).train()
+        discriminator.requires_grad_(True)
+    opt_m = torch.optim.Adam(mapper.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+    opt_d = (torch.optim.Adam(discriminator.parameters(), lr=config.d_lr, betas=(config.d_beta1, config.d_beta2))
+             if discriminator is not None else None)
+
+    # --- resume ---------------------------------------------------------------------------------
+    start_step = 0
+    if resume:
+        checkpoint = load_latest_checkpoint(run_dir)
+        _check_resume_compatible(checkpoint, mapper, generator, clip, discriminator)
+        mapper.load_state_dict(checkpoint["mapper"])
+        mapper_ema.load_state_dict(checkpoint["mapper_ema"])
+        opt_m.load_state_dict(checkpoint["opt_m"])
+        if discriminator is not None:
+            discriminator.load_state_dict(checkpoint["discriminator"])
+            opt_d.load_state_dict(checkpoint["opt_d"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"])
+        start_step = int(checkpoint["step"])
+        if dist_ctx.is_main:
+            log(f"Resuming {run_dir} from step {start_step} (to {config.steps}).")
+            _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        if start_step >= config.steps:
+            raise UserInputError(f"{run_dir} is already at step {start_step}; --steps {config.steps} has nothing to do",
+                                 hint="raise --steps to continue training")
+    if dist_ctx.is_main:
+        atomic_write_text(run_dir / "config.toml", config.to_toml())
+
+    # --- distributed wrappers and compile -------------------------------------------------------
+    mapper_forward: nn.Module = mapper
+    if dist_ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        mapper_forward = DistributedDataParallel(mapper, device_ids=[device.index] if device.type == "cuda" else None)
+        if discriminator is not None:
+            _broadcast_parameters(discriminator)
+    if config.compile:
+        mapper_forward = torch.compile(mapper_forward)
+
+    # --- data -------------------------------------------------------------------------------------
+    synthetic = SyntheticSource(generator, config.synthetic_truncation, device)
+    batches, scan = build_batches(config.data, resolution=int(generator.img_resolution), batch_size=config.batch_size,
+                                  seed=config.seed, synthetic=synthetic, synthetic_ratio=config.synthetic_ratio,
+                                  rank=dist_ctx.rank, world_size=dist_ctx.world_size,
+                                  num_workers=config.num_workers, align=config.align_faces)
+    if scan is not None and dist_ctx.is_main:
+        log(f"Data: {len(scan.paths)} images in {config.data}" +
+            (f" ({len(scan.skipped)} unreadable files skipped)" if scan.skipped else ""))
+    critic_batches = config.d_steps_per_m_step if use_adversarial else 0
+    micro_per_step = config.grad_accum * (1 + critic_batches)  # fixed, so step -> data is a pure function
+    stream = batches.iterate(start_step * micro_per_step, device)
+
+    # --- outputs (rank 0) -------------------------------------------------------------------------
+    writer = _MetricsWriter(run_dir, enabled=dist_ctx.is_main)
+    held_out = batches.held_out(config.num_sample_images, device) if dist_ctx.is_main else None
+    bar = _progress_bar(config.steps, start_step, enabled=progress and dist_ctx.is_main)
+
+    # --- the loop -----------------------------------------------------------------------------------
+    running: dict[str, float] = {}
+    running_count = 0
+    last_losses: dict[str, float] = {}
+    started = time.perf_counter()
+    for step in range(start_step, config.steps):
+        step_number = step + 1  # steps completed after this iteration (what logs and files say)
+
+        # 1. critic (WGAN-GP): real x against detached reconstructions
+        critic_parts: dict[str, torch.Tensor] = {}
+        if discriminator is not None:
+            for critic_index in range(config.d_steps_per_m_step):
+                opt_d.zero_grad(set_to_none=True)
+                for micro in range(config.grad_accum):
+                    real = next(stream)
+                    with torch.no_grad(), autocast:
+                        fake = generator.synthesis(mapper(clip.encode_image(real)), noise_mode="const")
+                    mix = step_generator(config.seed, STREAM_GP, (step * config.d_steps_per_m_step + critic_index)
+                                         * config.grad_accum + micro, dist_ctx.rank)
+                    d_loss, critic_parts = L.critic_loss(discriminator, real, fake.float(), config.gp_weight, mix)
+                    (d_loss / config.grad_accum).backward()
+                _all_reduce_gradients(discriminator, dist_ctx)
+                opt_d.step()
+            critic_parts = {"d_loss": d_loss.detach(), **critic_parts}
+
+        # 2. mapper step
+        opt_m.zero_grad(set_to_none=True)
+        if discriminator is not None:
+            discriminator.requires_grad_(False)  # L_G trains M only
+        for micro in range(config.grad_accum):
+            real = next(stream)
+            sync = (dist_ctx.enabled and micro < config.grad_accum - 1)
+            with (mapper_forward.no_sync() if sync and hasattr(mapper_forward, "no_sync") else nullcontext()):
+                noise = step_generator(config.seed, STREAM_NOISE, step * config.grad_accum + micro, dist_ctx.rank)
+                parts = mapper_losses(config, real, clip, mapper_forward, generator, autocast, noise,
+                                      perceptual, discriminator, identity)
+                total = sum(LOSS_WEIGHTS[name](config) * value for name, value in parts.items())
+                scaled = total / config.grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if discriminator is not None:
+            discriminator.requires_grad_(True)
+
+        # Non-finite check on every rank (an all-reduce also averages the logged values).
+        values = _reduce_for_logging({**parts, "total": total.detach(), **critic_parts}, dist_ctx)
+        bad = [name for name, value in values.items() if not math.isfinite(value)]
+        if bad:
+            bar.close()
+            writer.close()
+            raise TrainingError(f"loss {bad[0]} is {values[bad[0]]} at step {step_number}; stopped",
+                                hint=f"the last good checkpoint in {run_dir / 'checkpoints'} is kept; "
+                                     "lower lr or check the data")
+        if scaler is not None:
+            scaler.step(opt_m)
+            scaler.update()
+        else:
+            opt_m.step()
+        update_ema(mapper_ema, mapper, config.ema_decay)
+
+        # 3. bookkeeping
+        for name, value in values.items():
+            running[name] = running.get(name, 0.0) + value
+        running_count += 1
+        bar.update(1)
+        if step_number % config.log_every == 0 or step_number == config.steps:
+            last_losses = {name: total_value / running_count for name, total_value in running.items()}
+            elapsed = time.perf_counter() - started
+            speed = (step_number - start_step) / max(elapsed, 1e-9)
+            writer.write(step_number, last_losses, speed)
+            bar.set_postfix({name: f"{value:.4g}" for name, value in last_losses.items() if name in LOSS_NAMES + ("total",)})
+            running, running_count = {}, 0
+        if dist_ctx.is_main and (step_number % config.sample_every == 0 or step_number == config.steps):
+            write_sample_sheet(run_dir / "samples" / f"step-{step_number:08d}.png", held_out,
+                               config.sample_prompts, clip, mapper_ema, generator)
+        if step_number % config.checkpoint_every == 0 or step_number == config.steps:
+            if dist_ctx.is_main:
+                save_checkpoint(run_dir, step_number, config, mapper, mapper_ema, discriminator, opt_m, opt_d,
+                                scaler, models.sources)
+            _barrier(dist_ctx)
+    bar.close()
+    writer.close()
+    elapsed = time.perf_counter() - started
+    steps_per_second = (config.steps - start_step) / max(elapsed, 1e-9)
+
+    exported = None
+    if export_pack and dist_ctx.is_main:
+        exported = export_local_pack(export_pack, run_dir / "mapper.safetensors", models.sources, config)
+        log(f"Registered local pack '{exported}': use --pack {exported}.")
+    return TrainResult(run_dir, config.steps, run_dir / "mapper.safetensors", last_losses, steps_per_second, exported)
+
+
+# Loss name -> its weight in the config (a table, so the sum and the logs agree).
+LOSS_WEIGHTS: dict[str, Callable[[TrainConfig], float]] = {
+    "rec": lambda c: c.lambda_rec,
+    "lpips": lambda c: c.lambda_lpips,
+    "adv": lambda c: c.lambda_adv,
+    "id": lambda c: c.lambda_id,
+    "div": lambda c: c.lambda_div,
+}
+
+
+def mapper_losses(config: TrainConfig, real: torch.Tensor, clip: nn.Module, mapper: nn.Module,
+                  generator: nn.Module, autocast, noise: torch.Generator, perceptual: nn.Module | None,
+                  discriminator: nn.Module | None, identity: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The switched-on mapper losses (unweighted) of one micro-batch.
+
+    f and its perturbation f1 go through M and G as one batch, so one forward serves L_div too.
+    """
+    with torch.no_grad():
+        features = clip.encode_image(real)
+    use_div = config.lambda_div > 0
+    if use_div:
+        perturbed = perturb_clip_features(features, config.div_mode, config.div_std, noise)
+        features_in = torch.cat([features, perturbed])
+    else:
+        features_in = features
+    with autocast:
+        images = generator.synthesis(mapper(features_in), noise_mode="const")
+    images = images.float()
+    reconstructed = images[: real.shape[0]]
+    parts: dict[str, torch.Tensor] = {}
+    if config.lambda_rec > 0:
+        parts["rec"] = L.reconstruction_loss(real, reconstructed)
+    if perceptual is not None:
+        parts["lpips"] = perceptual(real, reconstructed)
+    if discriminator is not None:
+        parts["adv"] = L.adversarial_loss(discriminator, reconstructed)
+    if identity is not None:
+        parts["id"] = identity(real, reconstructed)
+    if use_div:
+        parts["div"] = L.diversity_loss(features, perturbed, reconstructed, images[real.shape[0]:], config.div_eps)
+    if not parts:
+        raise UserInputError("every loss weight is 0: nothing to train", hint="set lambda_rec > 0")
+    return parts
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model (parameters); buffers copied."""
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach(), 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+# --------------------------------------------------------------------------------------------
+# Building the frozen networks from a pack or from explicit sources
+# --------------------------------------------------------------------------------------------
+
+def build_models(config: TrainConfig, device: torch.device) -> TrainModels:
+    """G, CLIP, initial D and identity net for `config` (a pack, or --generator + --clip)."""
+    want_identity = config.lambda_id > 0 and config.identity != "off"
+    if config.pack:
+        if config.generator or config.clip:
+            raise UserInputError("give either --pack or --generator with --clip, not both")
+        from ..packs import load_pack
+
+        pack = load_pack(config.pack, device=device, backend=config.backend, need_mapper=False)
+        discriminator = pack.load_discriminator() if config.lambda_adv > 0 else None
+        identity = pack.load_identity() if want_identity and hasattr(pack, "load_identity") else None
+        return TrainModels(pack.generator, pack.clip, discriminator, identity, sources=_pack_sources(config.pack))
+    if not (config.generator and config.clip):
+        raise UserInputError("no models to train against", hint="give --pack NAME, or --generator SRC and --clip MODEL:TAG")
+    from ..stylegan2.convert import load_discriminator, load_generator
+
+    generator = load_generator(config.generator, device=device, backend=config.backend)
+    clip, clip_sources = resolve_clip(config.clip, device)
+    discriminator = None
+    if config.lambda_adv > 0:
+        try:
+            discriminator = load_discriminator(config.generator, device=device, backend=config.backend)
+        except CheckpointError:
+            discriminator = None  # the file holds no D: a fresh critic is built (announced below)
+            _stderr(f"{config.generator} holds no discriminator; training a fresh one")
+    identity = None
+    if want_identity and config.identity == "on":
+        from ..weights import fetch
+
+        identity = L.build_identity_net(fetch(L.IDENTITY_WEIGHTS))
+    sources = {"generator": config.generator, **clip_sources}
+    if discriminator is not None:
+        sources["discriminator"] = config.generator
+    if identity is not None:
+        sources["identity"] = L.IDENTITY_WEIGHTS
+    return TrainModels(generator, clip, discriminator, identity, sources=sources)
+
+
+def resolve_clip(spec: str, device: torch.device) -> tuple[nn.Module, dict[str, str]]:
+    """Load CLIP from `MODEL:TAG` (weights file found via the registry), `MODEL:FILE` (a local
+    open_clip checkpoint), or a local CLIP pack: a clip_config.json (weights in clip.safetensors
+    beside it, clip.load_clip_from_config_file) or the directory holding both. Returns the model
+    and its sources."""
+    from .. import clip as clip_module
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "clip_config.json"  # a pack directory: its clip_config.json + clip.safetensors
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UserInputError(f"--clip {spec}: {path} does not exist")
+        return clip_module.load_clip_from_config_file(path, device=device), {"clip_config": str(path.resolve())}
+    if ":" not in spec:
+        raise UserInputError(f"--clip {spec}: expected MODEL:TAG (e.g. ViT-B-16:openai), MODEL:FILE, "
+                             "a clip_config.json or a directory holding one")
+    model_name, tag = spec.split(":", 1)
+    tag_path = Path(tag).expanduser()
+    if tag_path.is_file():
+        return (clip_module.load_clip(model_name, None, weights_path=tag_path, device=device),
+                {"clip_model": model_name, "clip_weights": str(tag_path.resolve())})
+    from ..weights import fetch, load_registry
+
+    registry = load_registry()
+    weights_name = _registry_clip_weights(registry, model_name, tag)
+    weights_path = fetch(weights_name, registry=registry)
+    return (clip_module.load_clip(model_name, tag, weights_path=weights_path, device=device),
+            {"clip_model": model_name, "clip_pretrained": tag, "clip_weights": weights_name})
+
+
+def _registry_clip_weights(registry, model_name: str, tag: str) -> str:
+    """The registry file a pack uses for CLIP `model_name:tag` (model names compared without -quickgelu)."""
+    def base(name: str) -> str:
+        return name.removesuffix("-quickgelu").lower()
+
+    for pack in registry.packs.values():
+        if pack.clip_weights and pack.clip_pretrained == tag and base(pack.clip_model or "") == base(model_name):
+            return pack.clip_weights
+    raise UserInputError(f"--clip {model_name}:{tag}: no weights file for it in the registry",
+                         hint="use MODEL:FILE with a local open_clip checkpoint")
+
+
+def _pack_sources(name: str) -> dict[str, str]:
+    """The file references of a registered pack (for --export-pack and checkpoint metadata)."""
+    from ..weights import load_registry
+
+    try:
+        entry = load_registry().pack(name)
+    except Exception:  # an unregistered test pack: only its name is known
+        return {"pack": name}
+    sources = {"pack": name}
+    for role in ("generator", "clip_model", "clip_pretrained", "clip_weights", "discriminator", "identity"):
+        value = getattr(entry, role, None)
+        if value:
+            sources[role] = str(value)
+    return sources
+
+
+def _fresh_discriminator(generator: nn.Module, seed: int) -> nn.Module:
+    """A new StyleGAN2 critic for G's resolution, initialised from the run's seed."""
+    from ..stylegan2.networks import build_discriminator
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + STREAM_D_INIT)
+        return build_discriminator(int(generator.img_resolution))
+
+
+def export_local_pack(name: str, mapper_path: Path, sources: dict[str, str], config: TrainConfig) -> str:
+    """Register the trained mapper with its G and CLIP as local pack `name` (so `--pack name` works)."""
+    from ..weights import PackEntry, register_local_pack
+
+    missing = [key for key in ("generator", "clip_model", "clip_pretrained") if not sources.get(key)]
+    if missing:
+        raise UserInputError(f"--export-pack {name}: the run's models lack {', '.join(missing)} "
+                             "(a pack needs a registry/ file generator and an open_clip MODEL:TAG CLIP)")
+    entry = PackEntry(name=name, generator=sources["generator"], clip_model=sources["clip_model"],
+                      clip_pretrained=sources["clip_pretrained"], clip_weights=sources.get("clip_weights"),
+                      mapper=str(mapper_path.resolve()), discriminator=sources.get("discriminator"),
+                      identity=sources.get("identity"),
+                      description=f"mapper trained by clip2gan train ({config.steps} steps, data {config.data})")
+    register_local_pack(entry)
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory, checkpoints, RNG
+# --------------------------------------------------------------------------------------------
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """New run: the directory must not hold anything; resume: it must hold checkpoints. Writable either way."""
+    if resume:
+        if not (run_dir / "checkpoints").is_dir():
+            raise UserInputError(f"--resume {run_dir}: no checkpoints/ folder there (not a training run)")
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise UserInputError(f"run directory {run_dir} already exists; refusing to overwrite it",
+                             hint=f"use --resume {run_dir} to continue it, or another --out")
+    ensure_writable_dir(run_dir)
+    ensure_writable_dir(run_dir / "checkpoints")
+    ensure_writable_dir(run_dir / "samples")
+    for leftover in (run_dir / "checkpoints").glob(".step-*.tmp"):
+        leftover.unlink(missing_ok=True)  # a temp file from a save that was killed half-way
+
+
+def checkpoint_paths(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in a run, oldest first."""
+    found = []
+    for path in (run_dir / "checkpoints").glob("step-*.pt"):
+        match = CHECKPOINT_RE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: Path, step: int, config: TrainConfig, mapper: Mapper, mapper_ema: Mapper,
+                    discriminator: nn.Module | None, opt_m, opt_d, scaler, sources: dict[str, str]) -> Path:
+    """Write checkpoints/step-N.pt and mapper.safetensors atomically; prune old checkpoints after.
+
+    Each file appears under its final name only once complete (temp file + fsync + rename), so a
+    kill at any moment leaves the previous checkpoint intact.
+    """
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "config": config.to_dict(),
+        "sources": dict(sources),
+        "mapper_config": mapper.config.to_dict(),
+        "mapper": mapper.state_dict(),
+        "mapper_ema": mapper_ema.state_dict(),
+        "discriminator": discriminator.state_dict() if discriminator is not None else None,
+        "opt_m": opt_m.state_dict(),
+        "opt_d": opt_d.state_dict() if opt_d is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": capture_rng_state(),
+    }
+    target = run_dir / "checkpoints" / f"step-{step:08d}.pt"
+    with atomic_path(target) as tmp:
+        write_checkpoint_file(state, tmp)
+    metadata = {"clip2gan.train_step": str(step),
+                **{f"clip2gan.source.{key}": value for key, value in sorted(sources.items())}}
+    save_mapper(mapper_ema, run_dir / "mapper.safetensors", metadata=metadata)
+    for _, old in checkpoint_paths(run_dir)[:-config.keep_checkpoints]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def write_checkpoint_file(state: dict[str, Any], path: Path) -> None:
+    """Serialise a checkpoint dict (the one place that writes bytes; tests inject failures here)."""
+    torch.save(state, path)
+
+
+def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The newest readable checkpoint of a run (an unreadable newest one falls back to the previous)."""
+    candidates = checkpoint_paths(run_dir)
+    if not candidates:
+        raise CheckpointError(f"--resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+    errors = []
+    for step, path in reversed(candidates):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated or foreign file: try the one before
+            errors.append(f"{path.name}: {str(error).splitlines()[0][:120] if str(error) else type(error).__name__}")
+            continue
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            errors.append(f"{path.name}: not a clip2gan training checkpoint")
+            continue
+        if errors:
+            _stderr(f"Skipped unreadable checkpoint(s): {'; '.join(errors)}")
+        return state
+    raise CheckpointError(f"no readable checkpoint in {run_dir / 'checkpoints'}: {'; '.join(errors)}")
+
+
+def _check_resume_compatible(checkpoint: dict[str, Any], mapper: Mapper, generator: nn.Module, clip: nn.Module,
+                             discriminator: nn.Module | None) -> None:
+    """CheckpointError when the G/CLIP pair of this run does not fit the mapper being resumed."""
+    saved = Mapper(config=type(mapper.config).from_dict(checkpoint["mapper_config"]))
+    check_compatible(saved, generator, clip)
+    if saved.config != mapper.config:
+        raise CheckpointError(f"the checkpoint's mapper ({saved.extra_repr()}) differs from this run's "
+                              f"({mapper.extra_repr()})", hint="resume with the config the run was started with")
+    if (discriminator is None) != (checkpoint.get("discriminator") is None):
+        raise CheckpointError("the checkpoint and this run disagree on the adversarial loss (lambda_adv) being on")
+    if discriminator is not None:
+        expected = {k: tuple(v.shape) for k, v in discriminator.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in checkpoint["discriminator"].items()}
+        if expected != found:
+            raise CheckpointError("the checkpoint's discriminator does not fit this generator's resolution")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states (pickle-free types only)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of capture_rng_state."""
+    random.setstate(_to_tuples(state["python"]))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _to_tuples(value):
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+# --------------------------------------------------------------------------------------------
+# Logging and samples
+# --------------------------------------------------------------------------------------------
+
+class _MetricsWriter:
+    """metrics.jsonl (always) and TensorBoard events (when tensorboard is installed), rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tensorboard = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tensorboard = None
+
+    def write(self, step: int, losses: dict[str, float], steps_per_second: float) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{f"loss/{k}": v for k, v in losses.items()}, "steps_per_s": steps_per_second}
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise OutputError(f"cannot write {self.path}: {error.strerror or error}") from error
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines logged after the checkpoint being resumed (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+@torch.no_grad()
+def write_sample_sheet(path: Path, held_out: torch.Tensor, prompts: list[str], clip: nn.Module,
+                       mapper: nn.Module, generator: nn.Module) -> Path:
+    """PNG grid: row 1 held-out images, row 2 their reconstructions, then one image per prompt."""
+    from ..imageio import make_grid, save_png
+
+    columns = held_out.shape[0]
+    reconstructed = generator.synthesis(mapper(clip.encode_image(held_out)), noise_mode="const").float()
+    tiles = [held_out.float(), reconstructed]
+    if prompts:
+        generated = generator.synthesis(mapper(clip.encode_text(prompts)), noise_mode="const").float()
+        padding = (-generated.shape[0]) % columns
+        if padding:  # fill the last row with mid-grey
+            generated = torch.cat([generated, generated.new_zeros(padding, *generated.shape[1:])])
+        tiles.append(generated)
+    grid = make_grid(torch.cat(tiles).clamp(-1, 1).cpu(), columns=columns)
+    return save_png(path, grid, metadata={"clip2gan.prompts": list(prompts)})
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, values) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------------------------
+
+def init_distributed(device_spec: str) -> DistributedContext:
+    """Join the process group torchrun set up (env://); nccl on CUDA, gloo on the CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext()
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return DistributedContext(rank, world_size, local_rank, initialised_here=False)
+    use_cuda = torch.cuda.is_available() and device_spec in ("auto", "cuda") or device_spec.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistributedContext(rank, world_size, local_rank, initialised_here=True)
+
+
+def _device_for(device_spec: str, dist_ctx: DistributedContext) -> torch.device:
+    device = resolve_device(device_spec)
+    if dist_ctx.enabled and device.type == "cuda":
+        return torch.device("cuda", dist_ctx.local_rank)  # one GPU per process
+    return device
+
+
+def _barrier(dist_ctx: DistributedContext) -> None:
+    if dist_ctx.enabled:
+        torch.distributed.barrier()
+
+
+def _broadcast_parameters(module: nn.Module) -> None:
+    """Make every rank start from rank 0's weights."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _all_reduce_gradients(module: nn.Module, dist_ctx: DistributedContext) -> None:
+    """Average gradients across ranks. The critic is not wrapped in DDP because its gradient
+    penalty differentiates D's output with respect to its input (autograd.grad with create_graph),
+    which DDP's reducer does not support; stylegan2-ada syncs its networks the same manual way."""
+    if not dist_ctx.enabled:
+        return
+    for param in module.parameters():
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
+            param.grad.div_(dist_ctx.world_size)
+
+
+def _reduce_for_logging(values: dict[str, torch.Tensor], dist_ctx: DistributedContext) -> dict[str, float]:
+    """Scalars as floats, averaged over ranks (one all-reduce; a NaN on any rank shows on all)."""
+    names = list(values)
+    stacked = torch.stack([values[name].detach().float().reshape(()) for name in names])
+    if dist_ctx.enabled:
+        torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.SUM)
+        stacked /= dist_ctx.world_size
+    return dict(zip(names, stacked.tolist()))
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run was started with (`<run>/config.toml`)."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise UserInputError(f"--resume {run_dir}: no config.toml there (not a training run)")
+    return TrainConfig.from_dict(read_toml(path), source=str(path))
+
+
+__all__ = ["TrainModels", "TrainResult", "run_training", "build_models", "resolve_clip", "save_checkpoint",
+           "load_latest_checkpoint", "write_sample_sheet", "update_ema", "mapper_losses", "load_config",
+           "load_run_config", "export_local_pack"]
