@@ -131,8 +131,10 @@ def download_weights(
 
 def _convert_checkpoint(path: Path) -> Optional[Path]:
     """Convert a fetched pickle / rosinality checkpoint to safetensors once (when the converter exists)."""
+    import importlib
+
     try:
-        from .stylegan2 import convert
+        convert = importlib.import_module(f"{__package__}.stylegan2.convert")
     except ModuleNotFoundError as error:
         if error.name == f"{__package__}.stylegan2.convert":
             return None  # the converter has not landed yet (issue 3)
@@ -183,6 +185,54 @@ def _human_size(size: Optional[int]) -> str:
 # --- generate / edit / interpolate (issue 4) ---
 
 # --- train (issue 5) ---
+@app.command("train")
+@handle_errors
+def train_command(
+    pack: Optional[str] = typer.Option(None, "--pack", help="Pack to train a mapper for (G, D, CLIP, identity)."),
+    generator: Optional[str] = typer.Option(None, "--generator", help="Generator source (registry name or file), with --clip."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP as MODEL:TAG, MODEL:FILE, a clip_config.json or its directory."),
+    data: Optional[str] = typer.Option(None, "--data", help="Folder of training images, or 'synthetic' (sampled from G)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory to create (must not exist or be empty)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimiser steps (a resumed run continues to N)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random draw."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file with TrainConfig keys."),
+    overrides: List[str] = typer.Option([], "--set", help="Override one config key: --set lambda_div=0.2 (repeatable)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config as TOML and exit."),
+    export_pack: Optional[str] = typer.Option(None, "--export-pack", help="Register the result as local pack NAME."),
+    device: Optional[str] = typer.Option(None, "--device", help=f"Where to train: {DEVICE_CHOICES} (config default auto)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 autocast (config default fp32)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="StyleGAN2 kernels: auto | fused | reference."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train the CLIP->W+ mapper without text (frozen CLIP and StyleGAN2); resumable, torchrun-ready."""
+    from .errors import UserInputError
+    from .train.config import load_config, load_run_config, parse_override
+
+    given = {"pack": pack, "generator": generator, "clip": clip, "data": data, "steps": steps, "seed": seed,
+             "device": device, "precision": precision, "backend": backend}
+    values = {key: value for key, value in given.items() if value is not None}
+    if values.keys() & {"pack", "generator", "clip"}:  # naming models replaces the other way of naming them
+        values = {"pack": "", "generator": "", "clip": "", **values}
+    values.update(parse_override(text) for text in overrides)
+    if resume is not None and out is not None and out.resolve() != resume.resolve():
+        raise UserInputError("--out and --resume name different directories", hint="give only --resume RUN_DIR")
+    base = load_run_config(resume) if resume is not None else None
+    config = load_config(config_file, values, base=base)
+    if dry_run:
+        typer.echo(config.to_toml(), nl=False)
+        return
+    run_dir = resume if resume is not None else out
+    if run_dir is None:
+        raise UserInputError("no run directory", hint="give --out RUN_DIR (or --resume RUN_DIR)")
+    from .train.trainer import run_training
+
+    result = run_training(config, run_dir, resume=resume is not None, export_pack=export_pack, progress=progress,
+                          log=err)
+    losses = ", ".join(f"{name} {value:.4g}" for name, value in result.final_losses.items())
+    err(f"Trained {result.steps} steps ({result.steps_per_second:.2f} steps/s). {losses}")
+    typer.echo(str(result.mapper_path))
+
 
 # --- eval-fid (issue 6) ---
 
