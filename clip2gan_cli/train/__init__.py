@@ -4,14 +4,13 @@
 """
 from __future__ import annotations
 
-from .config import TrainConfig, load_config
+from .config import TrainConfig, load_config, load_run_config
 
 _LAZY = {
     "run_training": "trainer",
     "TrainModels": "trainer",
     "TrainResult": "trainer",
     "build_models": "trainer",
-    "load_run_config": "trainer",
 }
 
 
@@ -23,4 +22,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["TrainConfig", "load_config", *_LAZY]
+__all__ = ["TrainConfig", "load_config", "load_run_config", *_LAZY]

@@ -287,3 +287,11 @@ def load_config(config_file: str | Path | None = None, overrides: dict[str, Any]
     if overrides:
         config = config.updated(overrides, source="command line")
     return config.validate()
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run was started with (`<run>/config.toml`), for --resume."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise UserInputError(f"--resume {run_dir}: no config.toml there (not a training run)")
+    return TrainConfig.from_dict(read_toml(path), source=str(path))

@@ -37,7 +37,7 @@ from ..errors import CheckpointError, OutputError, TrainingError, UserInputError
 from ..fileutil import atomic_path, atomic_write_text, ensure_writable_dir
 from ..mapper import Mapper, check_compatible, perturb_clip_features, save_mapper
 from . import losses as L
-from .config import TrainConfig, load_config, read_toml
+from .config import TrainConfig, load_config, load_run_config
 from .data import STREAM_D_INIT, STREAM_GP, STREAM_NOISE, SyntheticSource, build_batches, step_generator
 
 CHECKPOINT_FORMAT = "clip2gan-train-v1"
@@ -768,14 +768,6 @@ def _reduce_for_logging(values: dict[str, torch.Tensor], dist_ctx: DistributedCo
         torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.SUM)
         stacked /= dist_ctx.world_size
     return dict(zip(names, stacked.tolist()))
-
-
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The config a run was started with (`<run>/config.toml`)."""
-    path = Path(run_dir) / "config.toml"
-    if not path.is_file():
-        raise UserInputError(f"--resume {run_dir}: no config.toml there (not a training run)")
-    return TrainConfig.from_dict(read_toml(path), source=str(path))
 
 
 __all__ = ["TrainModels", "TrainResult", "run_training", "build_models", "resolve_clip", "save_checkpoint",
