@@ -27,7 +27,7 @@ def resolve_device(spec: str | None = "auto") -> "torch.device":
     """
     import torch
 
-    spec = (spec or "auto").strip().lower()
+    spec = str(spec or "auto").strip().lower()  # str(): a torch.device passed along works too
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
