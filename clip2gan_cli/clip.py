@@ -71,6 +71,12 @@ class ClipModel(torch.nn.Module):
         for text in texts:
             if not isinstance(text, str) or not text.strip():
                 raise UserInputError("empty prompt", hint="give a non-empty text")
+        unknown = self.tokenizer.unknown_words(texts) if hasattr(self.tokenizer, "unknown_words") else []
+        if unknown:
+            # Compact-vocabulary CLIPs (the shapes pack) map unknown words to <unk>: say so, and what they know.
+            known = ", ".join(getattr(self.tokenizer, "words", ())[:60])
+            warnings.warn(f"{self.name} does not know the word(s) {', '.join(unknown)}; it knows: {known}",
+                          UserWarning, stacklevel=3)
         too_long = [text for text in texts if _token_count(self.tokenizer, text) > self.context_length]
         if too_long:
             # One warning for the whole call, however many prompts were cut.
@@ -118,6 +124,8 @@ def _token_count(tokenizer: Callable, text: str) -> int:
     """Number of tokens `text` needs including start/end tokens (0 when the tokenizer cannot say)."""
     if hasattr(tokenizer, "count_tokens"):
         return int(tokenizer.count_tokens(text))
+    if hasattr(tokenizer, "split") and hasattr(tokenizer, "stoi"):  # VocabTokenizer: one token per word
+        return len(tokenizer.split(text)) + 2
     if hasattr(tokenizer, "encode"):
         return len(tokenizer.encode(text)) + 2  # + start and end of text
     return 0
@@ -181,8 +189,16 @@ def build_clip_module(model_cfg: dict[str, Any]) -> torch.nn.Module:
     return model_class(**model_cfg)
 
 
-def _default_tokenizer(model_name: str | None, model_cfg: dict[str, Any]) -> Callable:
-    """open_clip's BPE tokenizer (shipped inside the package: no download)."""
+def _default_tokenizer(model_name: str | None, model_cfg: dict[str, Any],
+                       config: dict[str, Any] | None = None) -> Callable:
+    """The config's own tokenizer (a pack's compact vocabulary) or open_clip's BPE one (no download)."""
+    tokenizer_cfg = (config or {}).get("tokenizer")
+    if tokenizer_cfg:
+        if tokenizer_cfg.get("type") != "vocab":
+            raise CheckpointError(f"CLIP config for '{model_name}': unknown tokenizer type {tokenizer_cfg.get('type')!r}")
+        from .tokenizer import VocabTokenizer
+
+        return VocabTokenizer.from_dict(tokenizer_cfg)
     from open_clip.tokenizer import SimpleTokenizer
 
     text_cfg = model_cfg["text_cfg"]
@@ -200,7 +216,8 @@ def load_clip(model_name: str = DEFAULT_CLIP_MODEL, pretrained: str | None = DEF
         decides QuickGELU) or a local weights path. weights_path: the local weights file (from
         `weights.fetch`); None with a tag is an error, None without a tag gives random weights
         (tests, or a CLIP about to be trained). config: an open_clip model config dict for custom
-        architectures (optionally with "preprocess_cfg": {"mean", "std"}). tokenizer: a callable
+        architectures: either the model config itself or a pack's clip_config.json dict
+        ({"model_cfg", "tokenizer", "image_mean", "image_std"}). tokenizer: a callable
         list[str] -> LongTensor (default: open_clip's BPE tokenizer).
     """
     if weights_path is None and pretrained and Path(str(pretrained)).is_file():
@@ -216,14 +233,16 @@ def load_clip(model_name: str = DEFAULT_CLIP_MODEL, pretrained: str | None = DEF
     image_size = vision_cfg.get("image_size", 224)
     image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
     preprocess = model_cfg.get("preprocess_cfg", {})
+    mean = (config or {}).get("image_mean", preprocess.get("mean", OPENAI_MEAN))
+    std = (config or {}).get("image_std", preprocess.get("std", OPENAI_STD))
     clip = ClipModel(
         model,
-        tokenizer if tokenizer is not None else _default_tokenizer(model_name, model_cfg),
+        tokenizer if tokenizer is not None else _default_tokenizer(model_name, model_cfg, config),
         name=f"{model_name}:{pretrained}" if pretrained else model_name,
         image_size=image_size,
         context_length=text_cfg.get("context_length", 77),
-        mean=tuple(preprocess.get("mean", OPENAI_MEAN)),
-        std=tuple(preprocess.get("std", OPENAI_STD)),
+        mean=tuple(mean),
+        std=tuple(std),
     )
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     return place_model(clip, torch_device, dtype)
@@ -236,11 +255,41 @@ def _load_clip_weights(model: torch.nn.Module, path: Path, model_name: str) -> N
     if not path.is_file():
         raise WeightsNotFoundError(f"CLIP weights file not found: {path}")
     try:
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        if _is_torchscript_archive(path):
+            # OpenAI's own ViT-B-16.pt is a TorchScript archive: torch.load(weights_only=True) refuses it.
+            # torch.jit.load deserialises TorchScript (no Python pickle code runs); only its tensors are kept.
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            for key in ("input_resolution", "context_length", "vocab_size"):
+                state.pop(key, None)
+            if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+                state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+            model.load_state_dict(state, strict=True)
+        else:
+            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except Exception as error:  # corrupt file, wrong architecture, unsafe pickle: all one message
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot load CLIP weights {path.name} into {model_name}: {first_line[:200]}") \
             from error
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """True for a zip written by torch.jit.save (it holds code/ and constants.pkl)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def load_clip_from_config_file(config_path: str | Path, weights_path: str | Path | None = None,
+                               device="auto") -> ClipModel:
+    """A custom CLIP from a clip_config.json; weights default to clip.safetensors beside it."""
+    config_path = Path(config_path)
+    config = load_clip_config_file(config_path)
+    weights_path = Path(weights_path) if weights_path is not None else config_path.with_name("clip.safetensors")
+    return load_clip(config.get("model_name", config_path.stem), pretrained=None, weights_path=weights_path,
+                     config=config, device=device)
 
 
 def load_clip_config_file(path: str | Path) -> dict[str, Any]:

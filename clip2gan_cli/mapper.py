@@ -145,7 +145,8 @@ class Mapper(nn.Module):
 
 
 def perturb_clip_features(features: torch.Tensor, mode: str = "multiplicative", strength: float = 0.6,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+                          generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     """The feature noise of L_div (training) and of `generate` (one prompt -> many images).
 
     The paper adds "Gaussian noise with mean 1 and variance 0.36" to the CLIP feature. Adding a
@@ -154,14 +155,19 @@ def perturb_clip_features(features: torch.Tensor, mode: str = "multiplicative", 
     - "additive": f1 = normalize(f + strength * e / sqrt(D)), e ~ N(0, 1): noise at the scale of one
       component of a unit vector;
     - "none": f unchanged.
-    The noise is drawn on the CPU from `generator` (reproducible across devices) and the result is
-    L2-normalised like every CLIP feature.
+    The noise e is drawn on the CPU from `generator` (reproducible across devices) unless given
+    as `noise` (standard normal, same shape as `features`); the result is L2-normalised like every
+    CLIP feature.
     """
     if mode == "none" or strength == 0:
         return features
     if mode not in NOISE_MODES:
         raise UserInputError(f"unknown noise mode '{mode}'", hint=f"expected {', '.join(NOISE_MODES)}")
-    noise = torch.randn(features.shape, generator=generator, dtype=torch.float32).to(features.device)
+    if noise is None:
+        noise = torch.randn(features.shape, generator=generator, dtype=torch.float32)
+    elif noise.shape != features.shape:
+        raise UserInputError(f"noise shape {tuple(noise.shape)} differs from features {tuple(features.shape)}")
+    noise = noise.to(device=features.device, dtype=features.dtype)
     if mode == "multiplicative":
         perturbed = features * (1.0 + strength * noise)
     else:

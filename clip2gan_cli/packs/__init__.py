@@ -1,0 +1,238 @@
+"""Packs: a name -> the models that work together (generator, CLIP, mapper; discriminator, identity net).
+
+`load_pack("ffhq-1024")` resolves a registry pack (files fetched into the cache), `load_pack()` the
+builtin `shapes` pack shipped in this directory, and `load_models(mapper=..., generator=..., clip=...)`
+the explicit `--mapper/--generator/--clip` flags. Every model goes through `device.place_model`.
+
+Builtin pack layout (`clip2gan_cli/packs/<name>/`): generator.safetensors, clip.safetensors +
+clip_config.json (open_clip model config + tokenizer + preprocessing), mapper.safetensors,
+optionally discriminator.safetensors.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, NoMapperError, UserInputError, WeightsNotFoundError
+
+DEFAULT_PACK = "shapes"
+PACKS_DIR = Path(__file__).resolve().parent
+BUILTIN_FILES = {  # role -> file name inside a builtin pack directory
+    "generator": "generator.safetensors",
+    "clip_weights": "clip.safetensors",
+    "clip_config": "clip_config.json",
+    "mapper": "mapper.safetensors",
+    "discriminator": "discriminator.safetensors",
+}
+
+
+@dataclass
+class Pack:
+    """Loaded models of one pack; the discriminator and identity net load on first use."""
+
+    name: str
+    generator: Any                     # stylegan2.networks.Generator (frozen, eval)
+    clip: Any                          # clip.ClipModel (frozen, eval)
+    mapper: Any | None                 # mapper.Mapper (frozen, eval) or None (need_mapper=False)
+    info: Any | None = None            # weights.PackEntry (None for explicit --mapper/--generator/--clip)
+    paths: dict[str, Path] = field(default_factory=dict)  # role -> local file
+    device: Any = None                 # torch.device the models are on
+    backend: str = "auto"
+    _hashes: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_face_pack(self) -> bool:
+        """Face packs (with an identity net) align inputs with MTCNN by default."""
+        return bool(self.info is not None and getattr(self.info, "identity", None))
+
+    def file_hashes(self) -> dict[str, str]:
+        """Role -> first 16 hex digits of the sha256 of its file (for PNG metadata); cached."""
+        if not self._hashes:
+            for role, path in sorted(self.paths.items()):
+                self._hashes[role] = _sha256(path)[:16]
+        return dict(self._hashes)
+
+    def load_discriminator(self):
+        """The pack's StyleGAN2 discriminator (trainable=False; the trainer re-enables grads), or None."""
+        path = self.paths.get("discriminator")
+        if path is None:
+            return None
+        from ..stylegan2.convert import load_discriminator
+
+        return load_discriminator(str(path), device=str(self.device or "auto"), backend=self.backend)
+
+    def load_identity(self):
+        """facenet-pytorch InceptionResnetV1 with the pack's vggface2 weights (frozen), or None."""
+        reference = getattr(self.info, "identity", None) if self.info is not None else None
+        if not reference:
+            return None
+        import torch
+        from facenet_pytorch import InceptionResnetV1
+
+        from ..device import place_model
+        from ..weights import resolve_reference
+
+        path = resolve_reference(reference)
+        network = InceptionResnetV1(pretrained=None, classify=False)  # never let facenet download
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = {k: v for k, v in state.items() if not k.startswith("logits.")}  # classifier head unused
+            network.load_state_dict(state, strict=True)
+        except Exception as error:
+            raise CheckpointError(f"cannot load identity weights {path.name}: {str(error).splitlines()[0][:160]}") \
+                from error
+        return place_model(network, self.device)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def known_packs() -> list[str]:
+    """Names of every pack in the registry (packaged and local)."""
+    from ..weights import load_registry
+
+    return sorted(load_registry().packs)
+
+
+def train_command(name: str) -> str:
+    """The command that trains and registers a mapper for pack `name`."""
+    return f"clip2gan train --pack {name} --data DIR_OR_synthetic --out runs/{name} --export-pack {name}"
+
+
+def load_pack(name: str | None = None, device="auto", backend: str = "auto", need_mapper: bool = True) -> Pack:
+    """Load pack `name` (default: the builtin `shapes`) onto `device`.
+
+    need_mapper=True raises NoMapperError (with the train command) for a pack without a trained
+    mapper; training passes False. An unknown name raises UserInputError listing the known packs.
+    """
+    from ..device import resolve_device
+    from ..weights import load_registry, resolve_reference
+
+    name = name or DEFAULT_PACK
+    registry = load_registry()
+    if name not in registry.packs:
+        raise UserInputError(f"unknown pack '{name}'", hint=f"known packs: {', '.join(sorted(registry.packs))}")
+    entry = registry.pack(name)
+    torch_device = resolve_device(device) if not hasattr(device, "type") else device
+    if entry.builtin:
+        paths = _builtin_paths(name)
+    else:
+        if need_mapper and not entry.mapper:
+            raise _no_mapper(name)
+        paths = {role: resolve_reference(ref, registry=registry) for role, ref in entry.file_references().items()}
+    if need_mapper and "mapper" not in paths:
+        raise _no_mapper(name)
+
+    from ..clip import load_clip, load_clip_from_config_file
+
+    if "clip_config" in paths:
+        clip = load_clip_from_config_file(paths["clip_config"], paths.get("clip_weights"), device=torch_device)
+    elif entry.clip_model and entry.clip_model.endswith(".json"):
+        # A local pack with a custom CLIP: clip_model is the path of its clip_config.json.
+        paths["clip_config"] = Path(entry.clip_model).expanduser()
+        clip = load_clip_from_config_file(paths["clip_config"], paths.get("clip_weights"), device=torch_device)
+    else:
+        clip = load_clip(entry.clip_model, entry.clip_pretrained, weights_path=paths.get("clip_weights"),
+                         device=torch_device)
+    return _assemble(name, entry, paths, clip, torch_device, backend, need_mapper)
+
+
+def _no_mapper(name: str) -> NoMapperError:
+    return NoMapperError(f"pack '{name}' has no trained mapper yet (none has been published for it)",
+                         hint=f"train one with: {train_command(name)}")
+
+
+def _builtin_paths(name: str) -> dict[str, Path]:
+    """Files of a builtin pack present in its package directory (generator and CLIP are required)."""
+    directory = PACKS_DIR / name
+    paths = {role: directory / file for role, file in BUILTIN_FILES.items() if (directory / file).is_file()}
+    missing = [BUILTIN_FILES[role] for role in ("generator", "clip_weights", "clip_config") if role not in paths]
+    if missing:
+        raise WeightsNotFoundError(f"builtin pack '{name}' is missing {', '.join(missing)} in {directory}",
+                                   hint="reinstall clip2gan, or rebuild the pack with scripts/build_shapes_pack.py")
+    return paths
+
+
+def _assemble(name: str, entry, paths: dict[str, Path], clip, device, backend: str, need_mapper: bool) -> Pack:
+    """Load generator and mapper, check that they fit the CLIP, and wrap everything in a Pack."""
+    from ..device import place_model
+    from ..mapper import check_compatible, load_mapper
+    from ..stylegan2.convert import load_generator
+
+    generator = load_generator(str(paths["generator"]), device=str(device), backend=backend)  # frozen, eval
+    mapper = None
+    if "mapper" in paths:
+        mapper = place_model(load_mapper(paths["mapper"]), device)
+        check_compatible(mapper, generator, clip)
+    elif need_mapper:
+        raise _no_mapper(name)
+    return Pack(name=name, generator=generator, clip=clip, mapper=mapper, info=entry, paths=dict(paths),
+                device=device, backend=backend)
+
+
+def _clip_from_spec(spec: str, device):
+    """A ClipModel from --clip (the same forms `train --clip` takes):
+
+    a clip_config.json (weights in clip.safetensors beside it) or the directory holding both;
+    MODEL:FILE (a local open_clip checkpoint); MODEL:TAG (weights found through the registry's packs).
+    """
+    from ..clip import load_clip, load_clip_from_config_file
+    from ..weights import fetch, load_registry
+
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    if spec and path.is_dir():
+        path = path / "clip_config.json"
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UserInputError(f"--clip {spec}: {path} does not exist")
+        return load_clip_from_config_file(path, device=device)
+    model, _, tag = spec.partition(":")
+    if not model or not tag:
+        raise UserInputError(f"malformed --clip '{spec}'",
+                             hint="expected MODEL:TAG (e.g. ViT-B-16:openai), MODEL:FILE or a clip_config.json")
+    if Path(tag).expanduser().is_file():
+        return load_clip(model, pretrained=None, weights_path=Path(tag).expanduser(), device=device)
+    registry = load_registry()
+    base = model.removesuffix("-quickgelu").lower()
+    for pack in registry.packs.values():
+        if pack.clip_weights and pack.clip_pretrained == tag and \
+                (pack.clip_model or "").removesuffix("-quickgelu").lower() == base:
+            return load_clip(model, tag, weights_path=fetch(pack.clip_weights, registry=registry), device=device)
+    raise WeightsNotFoundError(f"no registry weights for CLIP {model}:{tag}",
+                               hint="pass MODEL:/path/to/weights, or a clip_config.json")
+
+
+def load_models(mapper: str | Path | None = None, generator: str | None = None, clip: str | None = None,
+                device="auto", backend: str = "auto", need_mapper: bool = True) -> Pack:
+    """Models from explicit flags: --mapper FILE, --generator SRC (registry name or file), --clip MODEL:TAG.
+
+    All three are needed (the generator and CLIP of a run directory are not recorded next to its mapper).
+    """
+    from ..device import resolve_device
+    from ..weights import resolve_reference
+
+    missing = [flag for flag, value in (("--generator", generator), ("--clip", clip)) if not value]
+    if need_mapper and not mapper:
+        missing.insert(0, "--mapper")
+    if missing:
+        raise UserInputError(f"{', '.join(missing)} missing", hint="give --mapper, --generator and --clip together, "
+                                                                   "or use --pack NAME")
+    torch_device = resolve_device(device) if not hasattr(device, "type") else device
+    paths: dict[str, Path] = {}
+    if mapper:
+        mapper_path = Path(mapper).expanduser()
+        if not mapper_path.is_file():
+            raise UserInputError(f"mapper file not found: {mapper_path}")
+        paths["mapper"] = mapper_path
+    generator_path = Path(generator).expanduser()
+    paths["generator"] = generator_path if generator_path.is_file() else resolve_reference(generator)
+    clip_model = _clip_from_spec(clip, torch_device)
+    return _assemble("custom", None, paths, clip_model, torch_device, backend, need_mapper)

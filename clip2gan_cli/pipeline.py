@@ -1,0 +1,251 @@
+"""Pure tensor functions of CLIP2GAN: generate from text, invert and edit images, interpolate W+ codes.
+
+No files, no terminal: every function takes models and tensors and returns tensors, so the CLI
+commands are thin and a user can call these directly:
+
+    pack = load_pack("shapes")
+    result = generate(pack.generator, pack.clip, pack.mapper, ["a red circle"], n=8, seed=0)
+
+Generator contract (stylegan2.networks.Generator): `synthesis(ws, noise_mode)`, `num_ws`, `w_dim`,
+`w_avg`, `img_resolution`. Images are [N, 3, R, R] in [-1, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserInputError
+from .mapper import perturb_clip_features
+
+
+@dataclass
+class GenerateResult:
+    """Output of `generate`: row i is sample `sample_index[i]` of prompt `prompt_index[i]`."""
+
+    images: torch.Tensor        # [P*n, 3, R, R] in [-1, 1] (clamped), on the CPU
+    w_plus: torch.Tensor        # [P*n, num_ws, w_dim] after truncation, on the CPU
+    prompt_index: torch.Tensor  # [P*n] long: which prompt
+    sample_index: torch.Tensor  # [P*n] long: which of its n samples
+
+
+@dataclass
+class EditResult:
+    """Output of `edit`: the inverted code, its reconstruction, and the edited code and image."""
+
+    w_plus: torch.Tensor          # [N, num_ws, w_dim] inverted (and refined) code
+    reconstruction: torch.Tensor  # [N, 3, R, R] G(w_plus)
+    w_plus_edited: torch.Tensor   # [N, num_ws, w_dim] w_plus + sum(beta * direction)
+    edited: torch.Tensor          # [N, 3, R, R] G(w_plus_edited)
+    directions: torch.Tensor      # [len(edits), num_ws, w_dim] the direction of each edit text
+
+
+def validate_prompts(texts: Sequence[str]) -> list[str]:
+    """The prompts as a list; UserInputError for none or an empty one."""
+    texts = list(texts)
+    if not texts:
+        raise UserInputError("no prompt given")
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise UserInputError("empty prompt", hint="give a non-empty text")
+    return texts
+
+
+def truncate(w_plus: torch.Tensor, w_avg: torch.Tensor, truncation_psi: float = 1.0,
+             truncation_cutoff: int | None = None) -> torch.Tensor:
+    """Pull W+ toward w_avg: w_avg + psi * (w - w_avg), on the first `truncation_cutoff` layers (all by default)."""
+    if truncation_psi == 1.0:
+        return w_plus
+    w_avg = w_avg.to(w_plus)
+    truncated = w_avg + truncation_psi * (w_plus - w_avg)
+    if truncation_cutoff is None:
+        return truncated
+    return torch.cat([truncated[:, :truncation_cutoff], w_plus[:, truncation_cutoff:]], dim=1)
+
+
+@torch.no_grad()
+def synthesize(generator, w_plus: torch.Tensor, batch_size: int = 8, noise_mode: str = "const",
+               progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """G.synthesis in batches: W+ [N, num_ws, w_dim] -> images [N, 3, R, R] in [-1, 1] on the CPU."""
+    if batch_size < 1:
+        raise UserInputError(f"batch size must be >= 1, got {batch_size}")
+    device = generator.w_avg.device
+    chunks = []
+    for start in range(0, w_plus.shape[0], batch_size):
+        batch = w_plus[start:start + batch_size].to(device)
+        chunks.append(generator.synthesis(batch, noise_mode=noise_mode).float().clamp(-1, 1).cpu())
+        if progress is not None:
+            progress(batch.shape[0])
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def text_latents(clip, mapper, texts: Sequence[str]) -> torch.Tensor:
+    """W+ codes M(C_text(t)) of prompts, without feature noise: [len(texts), num_ws, w_dim]."""
+    features = clip.encode_text(validate_prompts(texts))
+    return mapper(features.to(mapper.w_offset.device)).float()
+
+
+def invert(clip, mapper, images: torch.Tensor) -> torch.Tensor:
+    """W+ = M(C_image(x)) for images [N, 3, R, R] in [-1, 1] (the paper's one-shot inversion)."""
+    with torch.no_grad():
+        features = clip.encode_image(images)
+        return mapper(features.to(mapper.w_offset.device)).float()
+
+
+def generate(generator, clip, mapper, texts: Sequence[str], n: int = 8, seed: int = 0,
+             truncation_psi: float = 1.0, batch_size: int = 8, noise_mode: str = "const",
+             feature_noise: tuple[str, float] | None = None,
+             progress: Callable[[int], None] | None = None) -> GenerateResult:
+    """n images for each prompt: CLIP text feature -> feature noise -> mapper -> truncation -> generator.
+
+    The feature noise is the one the mapper was trained with (`mapper.config.noise_mode/strength`,
+    override with `feature_noise=(mode, strength)`), so one prompt gives n distinct images. The noise
+    of sample i is row i of a CPU draw seeded with `seed` (`sample_noise`) and is shared by all
+    prompts: the same arguments give the same bytes, and `-n 4` gives the first four images of
+    `-n 8` (up to float rounding of the batched matrix products).
+    """
+    texts = validate_prompts(texts)
+    if n < 1:
+        raise UserInputError(f"-n must be at least 1, got {n}")
+    mode, strength = feature_noise or (mapper.config.noise_mode, mapper.config.noise_strength)
+    with torch.no_grad():
+        text_features = clip.encode_text(texts).to(mapper.w_offset.device)      # [P, D]
+        noise_rows = sample_noise(n, text_features.shape[1], seed).to(text_features.device)   # [n, D]
+        features = torch.cat([perturb_clip_features(text_features[p:p + 1].expand(n, -1), mode, strength,
+                                                    noise=noise_rows)
+                              for p in range(len(texts))])                                    # [P*n, D]
+        w_plus = torch.cat([mapper(features[start:start + batch_size])
+                            for start in range(0, features.shape[0], batch_size)]).float()
+        w_plus = truncate(w_plus, generator.w_avg, truncation_psi).cpu()
+    images = synthesize(generator, w_plus, batch_size, noise_mode, progress)
+    prompt_index = torch.arange(len(texts)).repeat_interleave(n)
+    sample_index = torch.arange(n).repeat(len(texts))
+    return GenerateResult(images=images, w_plus=w_plus, prompt_index=prompt_index, sample_index=sample_index)
+
+
+def sample_noise(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Standard normal noise [n, dim] from `seed`, drawn on the CPU one row at a time.
+
+    Row by row so that row i depends only on (seed, i): torch's CPU normal sampler uses a different
+    algorithm for long tensors, so one big draw would change every row when n changes.
+    """
+    source = torch.Generator().manual_seed(int(seed))
+    return torch.stack([torch.randn(dim, generator=source, dtype=torch.float32) for _ in range(n)])
+
+
+def edit_directions(clip, mapper, edits: Sequence[tuple[str, float]], neutral: str | None = None) -> torch.Tensor:
+    """Direction of each edit text: n = M(C_text(t)), or M(C_text(t)) - M(C_text(neutral)) with a neutral text.
+
+    The paper adds M(C_text(t)) itself; the neutral form (our option) removes what the edit text
+    shares with a plain description ("a face"), so only the named attribute moves.
+    """
+    texts = [text for text, _ in edits]
+    directions = text_latents(clip, mapper, texts)
+    if neutral is not None:
+        directions = directions - text_latents(clip, mapper, [neutral])
+    return directions.cpu()
+
+
+def refine_inversion(generator, w_plus: torch.Tensor, target: torch.Tensor, steps: int, lr: float = 0.01,
+                     lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     lpips_weight: float = 1.0, noise_mode: str = "const",
+                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Optimise W+ so that G(W+) matches `target`: Adam on L2 (+ lpips_weight * LPIPS when given).
+
+    `lpips(x, y)` takes images in [-1, 1] and returns a per-image distance. Returns the refined W+.
+    """
+    if steps < 0:
+        raise UserInputError(f"--refine-steps must be >= 0, got {steps}")
+    device = generator.w_avg.device
+    target = target.to(device)
+    w_opt = w_plus.detach().clone().to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([w_opt], lr=lr)
+    for _ in range(steps):
+        with torch.enable_grad():
+            images = generator.synthesis(w_opt, noise_mode=noise_mode).float()
+            loss = F.mse_loss(images, target)
+            if lpips is not None:
+                loss = loss + lpips_weight * lpips(images, target).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if progress is not None:
+            progress(1)
+    return w_opt.detach().cpu()
+
+
+def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str, float]],
+         neutral: str | None = None, refine_steps: int = 0, lpips=None, w_plus: torch.Tensor | None = None,
+         refine_lr: float = 0.01, noise_mode: str = "const",
+         progress: Callable[[int], None] | None = None) -> EditResult:
+    """Text edits of images: w = M(C_img(x)) (optionally refined); w' = w + sum(beta * n_text).
+
+    image: [N, 3, R, R] in [-1, 1] at the generator's resolution (ignored for inversion when `w_plus`
+    is given, e.g. from a saved latent file; still the refinement target when refine_steps > 0).
+    edits: (text, beta) pairs (an empty list gives just the reconstruction).
+    """
+    for text, beta in edits:
+        validate_prompts([text])
+        if not isinstance(beta, (int, float)) or beta != beta:
+            raise UserInputError(f"beta for '{text}' must be a number, got {beta!r}")
+    if neutral is not None:
+        validate_prompts([neutral])
+    if w_plus is None:
+        w_plus = invert(clip, mapper, image).cpu()
+    else:
+        w_plus = w_plus.detach().float().cpu()
+    if w_plus.shape[1:] != (generator.num_ws, generator.w_dim):
+        raise UserInputError(f"latent has shape {tuple(w_plus.shape)}; this generator needs "
+                             f"[N, {generator.num_ws}, {generator.w_dim}]")
+    if refine_steps > 0:
+        w_plus = refine_inversion(generator, w_plus, image, refine_steps, lr=refine_lr, lpips=lpips,
+                                  noise_mode=noise_mode, progress=progress)
+    if edits:
+        directions = edit_directions(clip, mapper, edits, neutral)
+        betas = torch.tensor([float(beta) for _, beta in edits]).view(-1, 1, 1)
+        w_plus_edited = w_plus + (betas * directions).sum(0, keepdim=True)
+    else:
+        directions = torch.zeros(0, generator.num_ws, generator.w_dim)
+        w_plus_edited = w_plus.clone()
+    both = synthesize(generator, torch.cat([w_plus, w_plus_edited]), noise_mode=noise_mode)
+    count = w_plus.shape[0]
+    return EditResult(w_plus=w_plus, reconstruction=both[:count], w_plus_edited=w_plus_edited,
+                      edited=both[count:], directions=directions)
+
+
+def interpolate(w_a: torch.Tensor, w_b: torch.Tensor, frames: int = 24, spherical: bool = False) -> torch.Tensor:
+    """`frames` W+ codes from w_a to w_b inclusive: [frames, num_ws, w_dim].
+
+    Linear by default. spherical=True interpolates each W vector's direction along the great circle
+    and its length linearly (falls back to linear where the two directions are nearly parallel).
+    """
+    if frames < 2:
+        raise UserInputError(f"--frames must be at least 2, got {frames}")
+    w_a, w_b = _single(w_a, "A"), _single(w_b, "B")
+    if w_a.shape != w_b.shape:
+        raise UserInputError(f"cannot interpolate W+ codes of shapes {tuple(w_a.shape)} and {tuple(w_b.shape)}")
+    t = torch.linspace(0.0, 1.0, frames, dtype=torch.float32).view(-1, 1, 1)
+    linear = w_a + t * (w_b - w_a)
+    if not spherical:
+        return linear
+    norm_a, norm_b = w_a.norm(dim=-1, keepdim=True), w_b.norm(dim=-1, keepdim=True)
+    unit_a, unit_b = w_a / norm_a.clamp_min(1e-8), w_b / norm_b.clamp_min(1e-8)
+    omega = torch.acos((unit_a * unit_b).sum(-1, keepdim=True).clamp(-1.0, 1.0))
+    sin_omega = torch.sin(omega)
+    slerp = (torch.sin((1 - t) * omega) * unit_a + torch.sin(t * omega) * unit_b) / sin_omega.clamp_min(1e-8)
+    slerp = slerp * (norm_a + t * (norm_b - norm_a))
+    result = torch.where(sin_omega < 1e-4, linear, slerp)
+    result[0], result[-1] = w_a, w_b  # exact endpoints
+    return result
+
+
+def _single(w: torch.Tensor, label: str) -> torch.Tensor:
+    """One W+ code [num_ws, w_dim] from [1, num_ws, w_dim] or [num_ws, w_dim]."""
+    if w.ndim == 3 and w.shape[0] == 1:
+        w = w[0]
+    if w.ndim != 2:
+        raise UserInputError(f"endpoint {label} must be one W+ code [num_ws, w_dim], got {tuple(w.shape)}")
+    return w.float().cpu()
