@@ -1,0 +1,44 @@
+"""CLIP score: how well images match their prompt, in the pack's own CLIP space.
+
+The usual convention (Hessel et al. 2021 with w = 100, as torchmetrics' `CLIPScore`):
+score(image, prompt) = 100 * max(cos(E_I(image), E_T(prompt)), 0); a set's score is the mean over
+all its images. Images are scored exactly as they would be saved (quantised to 8 bits), so a
+score computed on the fly equals one computed from the written PNGs.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from ..errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
+
+CLIP_SCORE_SCALE = 100.0
+
+
+def clip_scores(clip_model, prompt: str, images: "torch.Tensor", batch_size: int = 32) -> "torch.Tensor":
+    """Per-image CLIP scores [N] of `images` ([N, 3, H, W] in [-1, 1], or uint8) against `prompt`."""
+    import torch
+
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise UserInputError(f"expected a non-empty image batch [N, 3, H, W], got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        images = images.float() / 127.5 - 1.0  # uint8 -> [-1, 1], encode_image's range
+    with torch.no_grad():
+        clip_text_features = clip_model.encode_text([prompt])  # [1, D], L2-normalised
+        scores = []
+        for start in range(0, images.shape[0], batch_size):
+            clip_image_features = clip_model.encode_image(images[start:start + batch_size])
+            cosine = (clip_image_features @ clip_text_features.T).squeeze(1)
+            scores.append(CLIP_SCORE_SCALE * cosine.clamp(min=0).float().cpu())
+    return torch.cat(scores)
+
+
+def mean_clip_score(per_prompt_scores: Sequence["torch.Tensor"]) -> float:
+    """Mean over every image of every prompt (prompts with more images weigh more)."""
+    import torch
+
+    if not per_prompt_scores:
+        raise UserInputError("no images to score")
+    return float(torch.cat([scores.flatten() for scores in per_prompt_scores]).mean())
