@@ -346,8 +346,7 @@ def _parse_file(name: str, body: dict, lines: _LineMap) -> WeightEntry:
         raise lines.error(f"file '{name}': 'mirrors' must be a list of URL strings", *where, "mirrors")
     urls = (url, *mirrors)
     for candidate in urls:
-        parsed = urllib.parse.urlparse(candidate)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        if not _is_http_url(candidate):
             key = "url" if candidate == url else "mirrors"
             raise lines.error(f"file '{name}': '{candidate}' is not an http(s) URL", *where, key)
     sha256 = body.get("sha256")
@@ -427,6 +426,17 @@ def _string(body: dict, key: str, name: str, lines: _LineMap, where: tuple[str, 
     if not isinstance(value, str) or not value.strip():
         raise lines.error(f"'{name}': '{key}' must be a non-empty string", *where, key)
     return value
+
+
+def _is_http_url(text: str) -> bool:
+    """An absolute http(s) URL with a host and no whitespace or control characters."""
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        return False
+    try:
+        parsed = urllib.parse.urlparse(text)
+        return parsed.scheme in ("http", "https") and bool(parsed.hostname)
+    except ValueError:  # e.g. an unbalanced '[' in the host
+        return False
 
 
 def _is_path_reference(ref: str) -> bool:
