@@ -129,10 +129,12 @@ def images_to_uint8(images: "torch.Tensor") -> "torch.Tensor":
 class FeatureSpace:
     """An image -> feature-vector map: uint8 RGB batches [N, 3, H, W] in, float32 [N, D] out.
 
-    `name` identifies the space in reports and cache keys; `weights_sha256` the exact weights.
+    `name` is the `--features` kind; `description` names the exact model and layer; both and
+    `weights_sha256` (the exact weights) go into the real-folder cache key.
     """
 
     name: str = ""
+    description: str = ""
     weights_sha256: str = ""
 
     def extract(self, batch_uint8: "torch.Tensor") -> "torch.Tensor":
@@ -168,6 +170,7 @@ class InceptionFeatureSpace(FeatureSpace):
     """torch-fidelity's `inception-v3-compat` extractor (pool3, 2048-d) with local weights."""
 
     name = "inception"
+    description = f"torch-fidelity inception-v3-compat, layer {INCEPTION_FEATURE_LAYER}"
 
     def __init__(self, weights_path: str | os.PathLike, device: "torch.device | str" = "cpu",
                  weights_sha256: str | None = None):
@@ -215,6 +218,8 @@ class ClipFeatureSpace(FeatureSpace):
         self.clip = clip_model
         self.device = torch.device(device)
         self.weights_sha256 = weights_sha256
+        self.description = (f"{getattr(clip_model, 'name', 'clip')} image embedding "
+                            f"(L2-normalised, {getattr(clip_model, 'image_size', '?')} px input)")
 
     def extract(self, batch_uint8: "torch.Tensor") -> "torch.Tensor":
         import torch
@@ -326,11 +331,12 @@ class FolderFeatures:
 
 
 def folder_content_hash(files: Sequence[Path], space: FeatureSpace, progress: bool = False) -> str:
-    """sha256 over sorted file names and bytes, the feature space and its weights' hash."""
+    """sha256 over sorted file names and bytes, the feature space (kind, model) and its weights' hash."""
     from tqdm import tqdm
 
     digest = hashlib.sha256()
-    digest.update(f"clip2gan-stats-v{STATS_CACHE_VERSION}|{space.name}|{space.weights_sha256}|".encode())
+    digest.update(f"clip2gan-stats-v{STATS_CACHE_VERSION}|{space.name}|{space.description}|"
+                  f"{space.weights_sha256}|".encode())
     for path in tqdm(sorted(files, key=lambda p: p.name), desc="hashing", unit="file", file=sys.stderr,
                      disable=not progress, leave=False):
         digest.update(f"{path.name}|{path.stat().st_size}|".encode())
