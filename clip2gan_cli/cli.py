@@ -184,6 +184,211 @@ def _human_size(size: Optional[int]) -> str:
 
 # --- generate / edit / interpolate (issue 4) ---
 
+
+def _emit(records, json_out: bool) -> None:
+    """One JSON object per written file on stdout (--json), else the paths; a summary on stderr."""
+    import json
+
+    for record in records:
+        typer.echo(json.dumps(record, ensure_ascii=False) if json_out else record["path"])
+    folders = sorted({str(Path(record["path"]).parent) for record in records})
+    err(f"Wrote {len(records)} file(s) to {', '.join(folders)}")
+
+
+def _progress(description: str, total: int):
+    """A rich progress bar on stderr; returns (context manager, advance(k) callable)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task(description, total=total)
+    return bar, lambda count=1: bar.advance(task, count)
+
+
+def _model_options():
+    return {
+        "pack": typer.Option(None, "--pack", help="Pack name (default: the builtin 'shapes')."),
+        "mapper": typer.Option(None, "--mapper", help="Mapper file (with --generator and --clip instead of --pack)."),
+        "generator": typer.Option(None, "--generator", help="Generator: registry name or file."),
+        "clip": typer.Option(None, "--clip", help="CLIP: MODEL:TAG, MODEL:FILE, or a clip_config.json."),
+    }
+
+
+_MODEL = _model_options()
+
+
+@app.command("generate")
+@handle_errors
+def generate_command(
+    prompts: List[str] = typer.Argument(..., metavar="PROMPT...", help="Text prompts; '-' reads one per line from stdin."),
+    n: int = typer.Option(8, "-n", help="Images per prompt."),
+    pack: Optional[str] = _MODEL["pack"],
+    mapper: Optional[Path] = _MODEL["mapper"],
+    generator: Optional[str] = _MODEL["generator"],
+    clip: Optional[str] = _MODEL["clip"],
+    seed: int = typer.Option(0, "--seed", help="Seed of the feature noise (same seed, same files)."),
+    truncation: float = typer.Option(1.0, "--truncation", help="Truncation psi toward the average latent."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per generator call."),
+    out: Path = typer.Option(Path("outputs"), "--out", help="Output directory."),
+    grid: bool = typer.Option(True, "--grid/--no-grid", help="Also write one grid image per prompt."),
+    image_format: str = typer.Option("png", "--format", help="png | jpg."),
+    save_latents: bool = typer.Option(False, "--save-latents", help="Write the W+ codes (safetensors) too."),
+    json_out: bool = json_option(),
+    device: str = device_option(),
+    backend: str = backend_option(),
+) -> None:
+    """Generate images from text prompts."""
+    from . import imageio, pipeline
+    from .device import resolve_device
+    from .errors import UserInputError
+    from .packs import output_metadata, select_models
+
+    texts = pipeline.validate_prompts(imageio.read_prompt_args(prompts))
+    if n < 1 or batch_size < 1:
+        raise UserInputError(f"-n and --batch-size must be at least 1, got {min(n, batch_size)}")
+    if image_format.lower() not in imageio.IMAGE_FORMATS:
+        raise UserInputError(f"unknown --format '{image_format}'", hint="use png or jpg")
+    imageio.check_output_dir(out)
+    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend)
+    bar, advance = _progress("Generating", len(texts) * n)
+    with bar:
+        result = pipeline.generate(models.generator, models.clip, models.mapper, texts, n=n, seed=seed,
+                                   truncation_psi=truncation, batch_size=batch_size, progress=advance)
+    records = imageio.write_generate_outputs(
+        out, result.images, result.w_plus, texts, result.prompt_index, result.sample_index, seed,
+        fmt=image_format, grid=grid, save_latents=save_latents,
+        metadata=output_metadata(models, truncation=truncation))
+    _emit(records, json_out)
+
+
+@app.command("edit")
+@handle_errors
+def edit_command(
+    image: Path = typer.Argument(..., help="Image to edit."),
+    text: Optional[str] = typer.Argument(None, help="Edit text (weight: --beta)."),
+    beta: str = typer.Option("2", "--beta", help="Strength of TEXT's edit."),
+    edits: List[str] = typer.Option([], "--edit", metavar="TEXT:BETA", help="More edits (repeatable)."),
+    neutral: Optional[str] = typer.Option(None, "--neutral", help="Neutral text: directions become M(t) - M(neutral)."),
+    align: Optional[bool] = typer.Option(None, "--align/--no-align", help="MTCNN face alignment (default: face packs)."),
+    refine_steps: int = typer.Option(0, "--refine-steps", help="Optimise the inverted W+ this many steps first."),
+    latent: Optional[Path] = typer.Option(None, "--latent", help="Start from this W+ file instead of inverting."),
+    pack: Optional[str] = _MODEL["pack"],
+    mapper: Optional[Path] = _MODEL["mapper"],
+    generator: Optional[str] = _MODEL["generator"],
+    clip: Optional[str] = _MODEL["clip"],
+    out: Path = typer.Option(Path("outputs"), "--out", help="Output directory."),
+    json_out: bool = json_option(),
+    device: str = device_option(),
+    backend: str = backend_option(),
+) -> None:
+    """Edit an image with text: w' = M(C_img(x)) + sum(beta * M(C_text(t)))."""
+    from . import imageio, pipeline
+    from .device import resolve_device
+    from .errors import UserInputError
+    from .packs import output_metadata, select_models
+
+    requested = ([(text, pipeline.parse_beta(beta))] if text is not None else []) + [pipeline.parse_edit(e) for e in edits]
+    if not requested:
+        raise UserInputError("no edit given", hint="give TEXT (with --beta) or --edit TEXT:BETA")
+    if refine_steps < 0:
+        raise UserInputError(f"--refine-steps must be >= 0, got {refine_steps}")
+    imageio.read_image(image)  # bad images fail before any model loads
+    imageio.check_output_dir(out)
+    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend)
+    resolution = models.generator.img_resolution
+    source = imageio.load_image_tensor(image, resolution, align=models.is_face_pack if align is None else align)
+    w_plus = imageio.load_latent(latent, models.generator.num_ws, models.generator.w_dim)[:1] if latent else None
+    bar, advance = _progress("Refining", refine_steps)
+    with bar:
+        result = pipeline.edit(models.generator, models.clip, models.mapper, source, requested, neutral=neutral,
+                               refine_steps=refine_steps, lpips=_refine_lpips(refine_steps),
+                               w_plus=w_plus, progress=advance)
+    label = "+".join(f"{t}:{b:g}" for t, b in requested) + (f"-vs-{neutral}" if neutral else "")
+    records = imageio.write_edit_outputs(out, image.stem, source, result.reconstruction, result.edited,
+                                         result.w_plus_edited, label,
+                                         metadata=output_metadata(models, source=image.name, edits=label,
+                                                                  neutral=neutral or ""))
+    _emit(records, json_out)
+
+
+def _refine_lpips(refine_steps: int):
+    """LPIPS (alex) for --refine-steps when its backbone is in the cache; otherwise None (L2 only, said once)."""
+    if refine_steps <= 0:
+        return None
+    from . import weights
+    from .train.losses import LPIPS_BACKBONE_WEIGHTS, build_perceptual_loss
+
+    registry = weights.load_registry()
+    name = LPIPS_BACKBONE_WEIGHTS["alex"]
+    if name not in registry.files or not weights.is_cached(registry.entry(name)):
+        err(f"Note: refining with L2 only (LPIPS needs `clip2gan download-weights {name}`).")
+        return None
+    return build_perceptual_loss("alex", "registry")
+
+
+def _endpoint_latent(spec: str, models, align: bool):
+    """W+ [1, num_ws, w_dim] of an interpolation endpoint: a latent file, an image, or a prompt."""
+    from . import imageio, pipeline
+    from .errors import ImageError
+
+    path = Path(spec)
+    if path.suffix.lower() == ".safetensors" or (path.is_file() and path.suffix):
+        if path.suffix.lower() == ".safetensors":
+            return imageio.load_latent(path, models.generator.num_ws, models.generator.w_dim)[:1]
+        image = imageio.load_image_tensor(path, models.generator.img_resolution, align=align)
+        return pipeline.invert(models.clip, models.mapper, image)
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"):
+        raise ImageError(f"image not found: {path}")
+    return pipeline.text_latents(models.clip, models.mapper, [spec])
+
+
+@app.command("interpolate")
+@handle_errors
+def interpolate_command(
+    a: str = typer.Argument(..., metavar="A", help="Start: a prompt, an image, or a latent (.safetensors)."),
+    b: str = typer.Argument(..., metavar="B", help="End: a prompt, an image, or a latent (.safetensors)."),
+    frames: int = typer.Option(24, "--frames", help="Number of frames, endpoints included."),
+    spherical: bool = typer.Option(False, "--spherical", help="Spherical instead of linear interpolation."),
+    gif: Optional[Path] = typer.Option(None, "--gif", help="Write an animated GIF here."),
+    mp4: Optional[Path] = typer.Option(None, "--mp4", help="Write an MP4 here (needs PyAV or imageio-ffmpeg)."),
+    fps: float = typer.Option(12.0, "--fps", help="Frames per second of the GIF / MP4."),
+    align: Optional[bool] = typer.Option(None, "--align/--no-align", help="MTCNN face alignment of image endpoints."),
+    pack: Optional[str] = _MODEL["pack"],
+    mapper: Optional[Path] = _MODEL["mapper"],
+    generator: Optional[str] = _MODEL["generator"],
+    clip: Optional[str] = _MODEL["clip"],
+    out: Path = typer.Option(Path("outputs"), "--out", help="Directory for the frames (PNG)."),
+    json_out: bool = json_option(),
+    device: str = device_option(),
+    backend: str = backend_option(),
+) -> None:
+    """Interpolate between two prompts, images or latents; frames as PNGs, optionally a GIF / MP4."""
+    from . import imageio, pipeline
+    from .device import resolve_device
+    from .errors import UserInputError
+    from .packs import output_metadata, select_models
+
+    if frames < 2:
+        raise UserInputError(f"--frames must be at least 2, got {frames}")
+    if not a.strip() or not b.strip():
+        raise UserInputError("empty prompt", hint="A and B must be prompts, images or latent files")
+    if mp4 is not None and imageio.mp4_encoder() is None:
+        imageio.save_mp4(mp4, [])  # the one-line "needs an encoder package" error, before any work
+    imageio.check_output_dir(out)
+    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend)
+    face_align = models.is_face_pack if align is None else align
+    w_plus = pipeline.interpolate(_endpoint_latent(a, models, face_align), _endpoint_latent(b, models, face_align),
+                                  frames, spherical=spherical)
+    bar, advance = _progress("Rendering", frames)
+    with bar:
+        images = pipeline.synthesize(models.generator, w_plus, progress=advance)
+    name = f"interp_{imageio.slugify(Path(a).stem if Path(a).is_file() else a, 24)}" \
+           f"_to_{imageio.slugify(Path(b).stem if Path(b).is_file() else b, 24)}"
+    records = imageio.write_interpolation_outputs(out, name, images, gif=gif, mp4=mp4, fps=fps,
+                                                  metadata=output_metadata(models, a=a, b=b))
+    _emit(records, json_out)
+
 # --- train (issue 5) ---
 @app.command("train")
 @handle_errors
@@ -235,6 +440,54 @@ def train_command(
 
 
 # --- eval-fid (issue 6) ---
+
+
+@app.command("eval-fid")
+@handle_errors
+def eval_fid_command(
+    real: Path = typer.Option(..., "--real", help="Folder of real images (its statistics are cached)."),
+    fake: Optional[Path] = typer.Option(None, "--fake", help="Folder of generated images."),
+    pack: Optional[str] = typer.Option(None, "--pack",
+                                       help="Pack that generates (with --prompts) and whose CLIP --features clip uses "
+                                            "(default: shapes)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts",
+                                           help="Text file, one prompt per line: generate the fake set on the fly."),
+    n: Optional[int] = typer.Option(None, "-n", help="Images generated per prompt (with --prompts)."),
+    features: str = typer.Option("inception", "--features",
+                                 help="inception (FID, torch-fidelity's Inception) | clip (FD_CLIP, the pack's CLIP)."),
+    kid: bool = typer.Option(False, "--kid", help="Also compute KID (each set needs >= --kid-subset-size images)."),
+    kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="Images per KID subset."),
+    kid_subsets: int = typer.Option(100, "--kid-subsets", help="Number of KID subsets."),
+    inception_weights: Optional[Path] = typer.Option(
+        None, "--inception-weights", dir_okay=False,
+        help="Local torch-fidelity Inception .pth to use instead of the registry's inception-fid."),
+    report: Optional[Path] = typer.Option(None, "--report", dir_okay=False, help="Also write the JSON report here."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the real folder's statistics."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    json_out: bool = json_option(),
+    device: str = device_option(),
+    backend: str = backend_option(),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per feature-extractor / generator call."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generation noise and of the KID subsets."),
+) -> None:
+    """FID (and KID, CLIP score, diversity) of generated images against a folder of real images."""
+    import json
+
+    from rich.console import Console
+
+    from .metrics import EvalConfig, evaluate, report_table, write_report
+
+    config = EvalConfig(real=real, fake=fake, pack=pack, prompts=prompts, images_per_prompt=n,
+                        features=features.lower(), kid=kid, kid_subset_size=kid_subset_size,
+                        kid_subsets=kid_subsets, inception_weights=inception_weights, device=device,
+                        backend=backend, batch_size=batch_size, seed=seed, cache=not no_cache,
+                        progress=not quiet)
+    result = evaluate(config, warn=err)
+    if report is not None:
+        write_report(result, report)
+    Console(stderr=json_out).print(report_table(result))
+    if json_out:
+        typer.echo(json.dumps(result, sort_keys=True))
 
 
 def main() -> None:
