@@ -75,6 +75,8 @@ class TrainResult:
     final_losses: dict[str, float]
     steps_per_second: float
     exported_pack: str | None = None
+    mapper: nn.Module | None = None       # the trained mapper (raw weights; every rank has one)
+    mapper_ema: nn.Module | None = None   # its EMA copy (what mapper.safetensors holds)
 
 
 @dataclass
@@ -306,7 +308,8 @@ def _run(config: TrainConfig, run_dir: Path, resume: bool, models: TrainModels |
     if export_pack and dist_ctx.is_main:
         exported = export_local_pack(export_pack, run_dir / "mapper.safetensors", models.sources, config)
         log(f"Registered local pack '{exported}': use --pack {exported}.")
-    return TrainResult(run_dir, config.steps, run_dir / "mapper.safetensors", last_losses, steps_per_second, exported)
+    return TrainResult(run_dir, config.steps, run_dir / "mapper.safetensors", last_losses, steps_per_second, exported,
+                       mapper=mapper, mapper_ema=mapper_ema)
 
 
 # Loss name -> its weight in the config (a table, so the sum and the logs agree).
@@ -378,62 +381,53 @@ def build_models(config: TrainConfig, device: torch.device) -> TrainModels:
         pack = load_pack(config.pack, device=device, backend=config.backend, need_mapper=False)
         discriminator = pack.load_discriminator() if config.lambda_adv > 0 else None
         identity = pack.load_identity() if want_identity and hasattr(pack, "load_identity") else None
-        return TrainModels(pack.generator, pack.clip, discriminator, identity, sources=_pack_sources(config.pack))
+        return TrainModels(pack.generator, pack.clip, discriminator, identity, sources=_pack_sources(pack))
     if not (config.generator and config.clip):
         raise UserInputError("no models to train against", hint="give --pack NAME, or --generator SRC and --clip MODEL:TAG")
-    from ..stylegan2.convert import load_discriminator, load_generator
+    from ..packs import load_models
 
-    generator = load_generator(config.generator, device=device, backend=config.backend)
-    clip, clip_sources = resolve_clip(config.clip, device)
+    # The same --generator/--clip forms as generate/edit (packs.load_models), without a mapper.
+    loaded = load_models(generator=config.generator, clip=config.clip, device=device, backend=config.backend,
+                         need_mapper=False)
+    sources = {"generator": config.generator, **clip_sources(config.clip)}
     discriminator = None
     if config.lambda_adv > 0:
+        from ..stylegan2.convert import load_discriminator
+
         try:
-            discriminator = load_discriminator(config.generator, device=device, backend=config.backend)
+            discriminator = load_discriminator(str(loaded.paths["generator"]), device=device, backend=config.backend)
+            sources["discriminator"] = config.generator
         except CheckpointError:
-            discriminator = None  # the file holds no D: a fresh critic is built (announced below)
-            _stderr(f"{config.generator} holds no discriminator; training a fresh one")
+            _stderr(f"{config.generator} holds no discriminator: training a fresh one")
     identity = None
-    if want_identity and config.identity == "on":
+    if want_identity and config.identity == "on":  # "auto" means off: an explicit G is not known to be a face G
         from ..weights import fetch
 
         identity = L.build_identity_net(fetch(L.IDENTITY_WEIGHTS))
-    sources = {"generator": config.generator, **clip_sources}
-    if discriminator is not None:
-        sources["discriminator"] = config.generator
-    if identity is not None:
         sources["identity"] = L.IDENTITY_WEIGHTS
-    return TrainModels(generator, clip, discriminator, identity, sources=sources)
+    return TrainModels(loaded.generator, loaded.clip, discriminator, identity, sources=sources)
 
 
-def resolve_clip(spec: str, device: torch.device) -> tuple[nn.Module, dict[str, str]]:
-    """Load CLIP from `MODEL:TAG` (weights file found via the registry), `MODEL:FILE` (a local
-    open_clip checkpoint), or a local CLIP pack: a clip_config.json (weights in clip.safetensors
-    beside it, clip.load_clip_from_config_file) or the directory holding both. Returns the model
-    and its sources."""
-    from .. import clip as clip_module
+def clip_sources(spec: str) -> dict[str, str]:
+    """How a --clip spec is written into a pack entry (clip_model, clip_pretrained, clip_weights).
 
+    A local CLIP (clip_config.json) is recorded as its config path with tag "local" (packs.load_pack
+    reads clip_model ending in .json as such); MODEL:FILE records the file as both tag and weights.
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
-        path = path / "clip_config.json"  # a pack directory: its clip_config.json + clip.safetensors
+        path = path / "clip_config.json"
     if path.suffix == ".json":
-        if not path.is_file():
-            raise UserInputError(f"--clip {spec}: {path} does not exist")
-        return clip_module.load_clip_from_config_file(path, device=device), {"clip_config": str(path.resolve())}
-    if ":" not in spec:
-        raise UserInputError(f"--clip {spec}: expected MODEL:TAG (e.g. ViT-B-16:openai), MODEL:FILE, "
-                             "a clip_config.json or a directory holding one")
-    model_name, tag = spec.split(":", 1)
-    tag_path = Path(tag).expanduser()
-    if tag_path.is_file():
-        return (clip_module.load_clip(model_name, None, weights_path=tag_path, device=device),
-                {"clip_model": model_name, "clip_weights": str(tag_path.resolve())})
-    from ..weights import fetch, load_registry
+        return {"clip_model": str(path.resolve()), "clip_pretrained": "local",
+                "clip_weights": str(path.resolve().with_name("clip.safetensors"))}
+    model, _, tag = spec.partition(":")
+    if Path(tag).expanduser().is_file():
+        weights = str(Path(tag).expanduser().resolve())
+        return {"clip_model": model, "clip_pretrained": weights, "clip_weights": weights}
+    from ..weights import load_registry
 
-    registry = load_registry()
-    weights_name = _registry_clip_weights(registry, model_name, tag)
-    weights_path = fetch(weights_name, registry=registry)
-    return (clip_module.load_clip(model_name, tag, weights_path=weights_path, device=device),
-            {"clip_model": model_name, "clip_pretrained": tag, "clip_weights": weights_name})
+    return {"clip_model": model, "clip_pretrained": tag,
+            "clip_weights": _registry_clip_weights(load_registry(), model, tag)}
 
 
 def _registry_clip_weights(registry, model_name: str, tag: str) -> str:
@@ -448,19 +442,21 @@ def _registry_clip_weights(registry, model_name: str, tag: str) -> str:
                          hint="use MODEL:FILE with a local open_clip checkpoint")
 
 
-def _pack_sources(name: str) -> dict[str, str]:
-    """The file references of a registered pack (for --export-pack and checkpoint metadata)."""
-    from ..weights import load_registry
-
-    try:
-        entry = load_registry().pack(name)
-    except Exception:  # an unregistered test pack: only its name is known
-        return {"pack": name}
-    sources = {"pack": name}
+def _pack_sources(pack) -> dict[str, str]:
+    """The file references of a loaded pack (for --export-pack and checkpoint metadata): registry
+    names where the pack names them, else the local files it was loaded from (builtin packs)."""
+    sources = {"pack": pack.name}
+    entry = pack.info
     for role in ("generator", "clip_model", "clip_pretrained", "clip_weights", "discriminator", "identity"):
-        value = getattr(entry, role, None)
+        value = getattr(entry, role, None) if entry is not None and not getattr(entry, "builtin", False) else None
         if value:
             sources[role] = str(value)
+        elif role in pack.paths:
+            sources[role] = str(pack.paths[role])
+    if "clip_config" in pack.paths and (entry is None or getattr(entry, "builtin", False)
+                                        or str(getattr(entry, "clip_model", "")).endswith(".json")):
+        sources["clip_model"] = str(pack.paths["clip_config"])  # a custom CLIP: load_pack reads the .json path
+        sources["clip_pretrained"] = "local"
     return sources
 
 
@@ -545,10 +541,32 @@ def save_checkpoint(run_dir: Path, step: int, config: TrainConfig, mapper: Mappe
         write_checkpoint_file(state, tmp)
     metadata = {"clip2gan.train_step": str(step),
                 **{f"clip2gan.source.{key}": value for key, value in sorted(sources.items())}}
-    save_mapper(mapper_ema, run_dir / "mapper.safetensors", metadata=metadata)
+    save_mapper_reproducibly(mapper_ema, run_dir / "mapper.safetensors", metadata)
     for _, old in checkpoint_paths(run_dir)[:-config.keep_checkpoints]:
         old.unlink(missing_ok=True)
     return target
+
+
+def save_mapper_reproducibly(mapper: Mapper, path: Path, metadata: dict[str, str]) -> Path:
+    """save_mapper, then rewrite the safetensors JSON header with sorted keys.
+
+    safetensors stores the metadata through a Rust HashMap whose iteration order changes from
+    call to call, so the same weights would give different bytes; sorting the header (same length,
+    same tensor offsets) makes equal weights give byte-identical files, as resume promises.
+    """
+    import struct
+
+    save_mapper(mapper, path, metadata=metadata)
+    data = path.read_bytes()
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) <= header_size:  # always true (same entries); padded with spaces as safetensors pads
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data[:8] + text + b" " * (header_size - len(text)) + data[8 + header_size:])
+    return path
 
 
 def write_checkpoint_file(state: dict[str, Any], path: Path) -> None:
@@ -770,6 +788,6 @@ def _reduce_for_logging(values: dict[str, torch.Tensor], dist_ctx: DistributedCo
     return dict(zip(names, stacked.tolist()))
 
 
-__all__ = ["TrainModels", "TrainResult", "run_training", "build_models", "resolve_clip", "save_checkpoint",
+__all__ = ["TrainModels", "TrainResult", "run_training", "build_models", "clip_sources", "save_checkpoint",
            "load_latest_checkpoint", "write_sample_sheet", "update_ema", "mapper_losses", "load_config",
            "load_run_config", "export_local_pack"]

@@ -1,0 +1,239 @@
+"""The training loop on tiny random models (CPU): learning, exact resume, atomic checkpoints, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tiny_models import make_tiny_clip, make_tiny_discriminator, make_tiny_generator, make_tiny_pack, \
+    register_tiny_pack
+
+from clip2gan_cli.errors import CheckpointError, OutputError, TrainingError, UserInputError
+from clip2gan_cli.train import trainer as trainer_module
+from clip2gan_cli.train.config import TrainConfig
+from clip2gan_cli.train.trainer import TrainModels, checkpoint_paths, load_latest_checkpoint, run_training
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    """A config that trains in well under a second per step on the tiny models."""
+    values = dict(steps=4, batch_size=2, log_every=1, sample_every=1000, checkpoint_every=2, device="cpu",
+                  lpips_backbone="random", identity="off", num_sample_images=2, mapper_hidden_dim=32,
+                  num_workers=0, sample_prompts=["a red circle", "a smiling woman"])
+    values.update(overrides)
+    return TrainConfig(**values).validate()
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    """Tiny G, CLIP and an initial D shared by the tests of this module (never modified in place:
+    the trainer deep-copies nothing, but G and CLIP are frozen and D is rebuilt per test)."""
+    return make_tiny_generator(seed=0), make_tiny_clip(seed=0)
+
+
+def models_for(frozen, with_discriminator: bool = True) -> TrainModels:
+    generator, clip = frozen
+    return TrainModels(generator, clip, make_tiny_discriminator(seed=1) if with_discriminator else None,
+                       sources={"generator": "tiny", "clip_model": "tiny-clip"})
+
+
+def mapper_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_run_writes_the_documented_run_directory(tmp_path, frozen):
+    config = tiny_config(steps=2, sample_every=2)
+    result = run_training(config, tmp_path / "run", models=models_for(frozen), progress=False)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"mapper.safetensors", "config.toml", "metrics.jsonl", "samples",
+                                                "checkpoints"}
+    assert [step for step, _ in checkpoint_paths(run)] == [2]
+    assert (run / "samples" / "step-00000002.png").is_file()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert {"loss/rec", "loss/lpips", "loss/adv", "loss/div", "loss/d_gp"} <= set(lines[0])
+    # mapper.safetensors is the EMA mapper, loadable with --mapper (clip2gan_cli.mapper.load_mapper)
+    from clip2gan_cli.mapper import load_mapper
+
+    loaded = load_mapper(result.mapper_path)
+    for name, tensor in result.mapper_ema.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
+    assert TrainConfig.from_dict(__import__("tomllib").loads((run / "config.toml").read_text())) == config
+
+
+def test_a_few_steps_lower_the_reconstruction_loss(tmp_path, frozen):
+    config = tiny_config(steps=30, batch_size=4, lr=1e-3, lambda_lpips=0.0, lambda_adv=0.0, lambda_div=0.0,
+                         checkpoint_every=1000, ema_decay=0.0)
+    run_training(config, tmp_path / "run", models=models_for(frozen, with_discriminator=False), progress=False)
+    rec = [json.loads(line)["loss/rec"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(rec[:5]) / 5, sum(rec[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+
+
+def test_resume_gives_the_same_mapper_as_an_uninterrupted_run(tmp_path, frozen):
+    whole = tiny_config(steps=4, checkpoint_every=2)
+    run_training(whole, tmp_path / "whole", models=models_for(frozen), progress=False)
+
+    half = tiny_config(steps=2, checkpoint_every=2)
+    run_training(half, tmp_path / "halves", models=models_for(frozen), progress=False)
+    run_training(whole, tmp_path / "halves", resume=True, models=models_for(frozen), progress=False)
+
+    assert (tmp_path / "whole" / "mapper.safetensors").read_bytes() == \
+        (tmp_path / "halves" / "mapper.safetensors").read_bytes()
+    a = load_latest_checkpoint(tmp_path / "whole")
+    b = load_latest_checkpoint(tmp_path / "halves")
+    for key in ("mapper", "discriminator"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    # metrics of the resumed run continue without duplicates
+    steps = [json.loads(line)["step"] for line in (tmp_path / "halves" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_failure_during_save_keeps_the_previous_checkpoint(tmp_path, frozen, monkeypatch):
+    real_write = trainer_module.write_checkpoint_file
+    calls = []
+
+    def write_then_die(state, path):
+        calls.append(path)
+        if len(calls) == 2:  # the second save dies half-way through writing
+            path.write_bytes(b"PK\x03\x04 partial checkpoint")
+            raise KeyboardInterrupt
+        real_write(state, path)
+
+    monkeypatch.setattr(trainer_module, "write_checkpoint_file", write_then_die)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(steps=4, checkpoint_every=2), run, models=models_for(frozen), progress=False)
+    assert [step for step, _ in checkpoint_paths(run)] == [2]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # temp file removed
+    assert load_latest_checkpoint(run)["step"] == 2
+
+    # A hard kill (no cleanup) can leave a temp file: resume ignores and removes it.
+    (run / "checkpoints" / ".step-00000004.pt.abc123.tmp").write_bytes(b"partial")
+    monkeypatch.setattr(trainer_module, "write_checkpoint_file", real_write)
+    run_training(tiny_config(steps=4, checkpoint_every=2), run, resume=True, models=models_for(frozen),
+                 progress=False)
+    assert [step for step, _ in checkpoint_paths(run)] == [2, 4]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_nan_loss_stops_naming_step_and_loss_and_keeps_the_checkpoint(tmp_path, frozen, monkeypatch):
+    real_rec = trainer_module.L.reconstruction_loss
+    calls = []
+
+    def rec_nan_at_step_3(real, reconstructed):
+        calls.append(1)
+        loss = real_rec(real, reconstructed)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(trainer_module.L, "reconstruction_loss", rec_nan_at_step_3)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"loss rec is nan at step 3"):
+        run_training(tiny_config(steps=4, checkpoint_every=2, lambda_adv=0.0), run,
+                     models=models_for(frozen, False), progress=False)
+    assert [step for step, _ in checkpoint_paths(run)] == [2]
+    assert load_latest_checkpoint(run)["step"] == 2
+
+
+def test_existing_run_directory_is_refused_without_resume(tmp_path, frozen):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="already exists"):
+        run_training(tiny_config(), run, models=models_for(frozen), progress=False)
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_non_writable_run_directory_is_an_output_error(tmp_path, frozen):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OutputError):
+        run_training(tiny_config(), blocker / "run", models=models_for(frozen), progress=False)
+
+
+def test_resume_with_an_incompatible_generator_or_clip_is_a_checkpoint_error(tmp_path, frozen):
+    from clip2gan_cli.clip import load_clip
+    from clip2gan_cli.stylegan2.networks import build_generator
+    from tiny_models import tiny_clip_config
+
+    run = tmp_path / "run"
+    run_training(tiny_config(steps=2, lambda_adv=0.0, lpips_net="none"), run, models=models_for(frozen, False),
+                 progress=False)
+    other_generator = build_generator(16, z_dim=16, w_dim=16, channel_base=256, channel_max=16, mapping_layers=2,
+                                      backend="reference", seed=3)
+    with pytest.raises(CheckpointError, match="another generator"):
+        run_training(tiny_config(steps=4, lambda_adv=0.0, lpips_net="none"), run, resume=True,
+                     models=TrainModels(other_generator, frozen[1]), progress=False)
+    clip_config = tiny_clip_config()
+    clip_config["model_cfg"]["embed_dim"] = 24
+    other_clip = load_clip("tiny-clip-24", pretrained=None, config=clip_config, device="cpu")
+    with pytest.raises(CheckpointError, match="another CLIP"):
+        run_training(tiny_config(steps=4, lambda_adv=0.0, lpips_net="none"), run, resume=True,
+                     models=TrainModels(frozen[0], other_clip), progress=False)
+
+
+def test_resume_past_the_end_is_refused(tmp_path, frozen):
+    run = tmp_path / "run"
+    run_training(tiny_config(steps=2, lambda_adv=0.0), run, models=models_for(frozen, False), progress=False)
+    with pytest.raises(UserInputError, match="already at step 2"):
+        run_training(tiny_config(steps=2, lambda_adv=0.0), run, resume=True, models=models_for(frozen, False),
+                     progress=False)
+
+
+def test_grad_accumulation_and_several_critic_steps_run(tmp_path, frozen):
+    config = tiny_config(steps=1, grad_accum=2, d_steps_per_m_step=2, checkpoint_every=1)
+    result = run_training(config, tmp_path / "run", models=models_for(frozen), progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.final_losses.values())
+
+
+def test_cli_trains_a_pack_and_exports_it(tmp_path, cli_runner):
+    paths = make_tiny_pack(tmp_path / "pack", with_mapper=False)
+    register_tiny_pack(paths, "tiny")
+    run = tmp_path / "run"
+    result = cli_runner(["train", "--pack", "tiny", "--data", "synthetic", "--out", run, "--steps", "2",
+                         "--device", "cpu", "--no-progress", "--export-pack", "tiny-trained",
+                         "--set", "lpips_backbone=random", "--set", "batch_size=2", "--set", "num_workers=0",
+                         "--set", "mapper_hidden_dim=32", "--set", "num_sample_images=2"])
+    assert result.exit_code == 0, result.output
+    assert (run / "mapper.safetensors").is_file()
+    from clip2gan_cli.packs import load_pack
+
+    pack = load_pack("tiny-trained", device="cpu")
+    assert pack.mapper is not None
+    assert pack.paths["mapper"].resolve() == (run / "mapper.safetensors").resolve()
+
+    again = cli_runner(["train", "--pack", "tiny", "--data", "synthetic", "--out", run, "--steps", "2"])
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_cli_trains_with_explicit_generator_and_local_clip(tmp_path, cli_runner):
+    paths = make_tiny_pack(tmp_path / "pack", with_mapper=False)
+    run = tmp_path / "run"
+    result = cli_runner(["train", "--generator", paths.generator, "--clip", paths.directory, "--data", "synthetic",
+                         "--out", run, "--steps", "1", "--device", "cpu", "--no-progress",
+                         "--set", "lpips_net=none", "--set", "batch_size=2", "--set", "mapper_hidden_dim=32",
+                         "--set", "num_sample_images=2"])
+    assert result.exit_code == 0, result.output
+    checkpoint = load_latest_checkpoint(run)
+    assert checkpoint["sources"]["generator"] == str(paths.generator)
+    assert checkpoint["sources"]["clip_model"].endswith("clip_config.json")
+    assert checkpoint["discriminator"] is not None  # the G file holds no D: a fresh critic was trained
+
+
+def test_cli_data_folder_errors(tmp_path, cli_runner):
+    paths = make_tiny_pack(tmp_path / "pack", with_mapper=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli_runner(["train", "--generator", paths.generator, "--clip", paths.clip_config, "--data", empty,
+                         "--out", tmp_path / "run", "--device", "cpu", "--set", "lpips_net=none"])
+    assert result.exit_code == 1 and "no .jpg/.png/.webp files" in result.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for index in range(3):
+        (broken / f"img{index}.png").write_bytes(b"not a png")
+    result = cli_runner(["train", "--generator", paths.generator, "--clip", paths.clip_config, "--data", broken,
+                         "--out", tmp_path / "run2", "--device", "cpu", "--set", "lpips_net=none"])
+    assert result.exit_code == 1 and "none of the 3 image files could be read (3 skipped)" in result.output
