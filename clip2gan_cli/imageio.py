@@ -373,3 +373,131 @@ def check_output_dir(path: str | Path) -> Path:
     if path.exists() and not path.is_dir():
         raise OutputError(f"output path {path} exists and is not a directory")
     return ensure_writable_dir(path)
+
+
+# --- command outputs (file names, metadata, one record per written file) ---
+def slugify(text: str, max_length: int = 48) -> str:
+    """A file-name-safe slug of a prompt; a short hash is added when the slug loses information.
+
+    "a red circle" -> "a-red-circle"; "A red circle!" -> "a-red-circle-1c0b3f" (so two different
+    prompts never share file names).
+    """
+    import hashlib
+    import re
+
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    slug = "-".join(words)[:max_length].strip("-") or "prompt"
+    if slug.replace("-", " ") != text:
+        slug += "-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:6]
+    return slug
+
+
+def write_generate_outputs(out_dir: str | Path, images: "torch.Tensor", w_plus: "torch.Tensor",
+                           texts: Sequence[str], prompt_index: Sequence[int], sample_index: Sequence[int],
+                           seed: int, fmt: str = "png", grid: bool = True, save_latents: bool = False,
+                           metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Write generate's images (+ one grid and one latent file per prompt); one record per file.
+
+    Names: `<slug>_s<seed>_<index:03d>.<fmt>`, `<slug>_s<seed>_grid.<fmt>`, `<slug>_s<seed>.safetensors`.
+    Records: {"path", "role" (image|grid|latents), "prompt", "seed", "index"}.
+    """
+    fmt = fmt.lower()
+    if fmt not in IMAGE_FORMATS:
+        raise UserInputError(f"unknown image format '{fmt}'", hint="use png or jpg")
+    out_dir = check_output_dir(out_dir)
+    records: list[dict[str, Any]] = []
+    for p, text in enumerate(texts):
+        slug = slugify(text)
+        rows = [i for i, prompt in enumerate(prompt_index) if int(prompt) == p]
+        for row in rows:
+            index = int(sample_index[row])
+            path = out_dir / f"{slug}_s{seed}_{index:03d}.{fmt}"
+            save_image(path, images[row:row + 1], fmt,
+                       {**(metadata or {}), "prompt": text, "seed": str(seed), "index": str(index)})
+            records.append({"path": str(path), "role": "image", "prompt": text, "seed": seed, "index": index})
+        if grid and len(rows) > 1:
+            path = out_dir / f"{slug}_s{seed}_grid.{fmt}"
+            save_image(path, make_grid(images[rows]), fmt, {**(metadata or {}), "prompt": text, "seed": str(seed)})
+            records.append({"path": str(path), "role": "grid", "prompt": text, "seed": seed})
+        if save_latents:
+            path = out_dir / f"{slug}_s{seed}.safetensors"
+            save_latent(path, w_plus[rows], {**(metadata or {}), "prompt": text, "seed": str(seed)})
+            records.append({"path": str(path), "role": "latents", "prompt": text, "seed": seed})
+    return records
+
+
+def write_edit_outputs(out_dir: str | Path, stem: str, source: "torch.Tensor", reconstruction: "torch.Tensor",
+                       edited: "torch.Tensor", w_plus_edited: "torch.Tensor", edit_label: str,
+                       metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Write edit's outputs: the edited image, the reconstruction, a sheet (input | reconstruction |
+    edit) and the edited W+ code. Records: {"path", "role" (edited|reconstruction|sheet|latent)}."""
+    out_dir = check_output_dir(out_dir)
+    base = f"{slugify(stem, 32)}_{slugify(edit_label, 40)}"
+    meta = dict(metadata or {})
+    outputs = [
+        ("edited", out_dir / f"{base}_edited.png", edited[:1]),
+        ("reconstruction", out_dir / f"{base}_reconstruction.png", reconstruction[:1]),
+        ("sheet", out_dir / f"{base}_sheet.png",
+         make_grid(_cat([source[:1], reconstruction[:1], edited[:1]]), columns=3)),
+    ]
+    records = []
+    for role, path, image in outputs:
+        save_png(path, image, {**meta, "role": role})
+        records.append({"path": str(path), "role": role})
+    latent_path = out_dir / f"{base}_edited.safetensors"
+    save_latent(latent_path, w_plus_edited[:1], {**meta, "role": "latent"})
+    records.append({"path": str(latent_path), "role": "latent"})
+    return records
+
+
+def write_interpolation_outputs(out_dir: str | Path | None, name: str, frames: "torch.Tensor",
+                                gif: str | Path | None = None, mp4: str | Path | None = None, fps: float = 12.0,
+                                metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Write interpolation frames (`<name>_<i:03d>.png` in out_dir, when given) and the GIF / MP4.
+
+    Records: {"path", "role" (frame|gif|mp4), "index" for frames}. The MP4 encoder is checked first,
+    so a missing encoder fails before anything is written.
+    """
+    if mp4 is not None and mp4_encoder() is None:
+        save_mp4(mp4, [])  # raises the "needs an encoder package" error
+    records: list[dict[str, Any]] = []
+    if out_dir is not None:
+        directory = check_output_dir(out_dir)
+        for index in range(frames.shape[0]):
+            path = directory / f"{name}_{index:03d}.png"
+            save_png(path, frames[index:index + 1], {**(metadata or {}), "frame": str(index)})
+            records.append({"path": str(path), "role": "frame", "index": index})
+    pixels = list(to_uint8(frames))
+    if gif is not None:
+        records.append({"path": str(save_gif(gif, pixels, fps=fps)), "role": "gif"})
+    if mp4 is not None:
+        records.append({"path": str(save_mp4(mp4, pixels, fps=fps)), "role": "mp4"})
+    return records
+
+
+def _cat(tensors):
+    import torch
+
+    return torch.cat(list(tensors))
+
+
+def read_prompt_args(prompts: Sequence[str], stdin=None) -> list[str]:
+    """The prompts of a command line: each `-` is replaced by the non-empty lines of stdin (UTF-8)."""
+    texts: list[str] = []
+    for prompt in prompts:
+        if prompt != "-":
+            texts.append(prompt)
+            continue
+        import sys
+
+        stream = stdin if stdin is not None else sys.stdin
+        raw = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserInputError(f"stdin is not UTF-8 text (byte {error.start})") from error
+        texts.extend(line.strip() for line in raw.splitlines() if line.strip())
+        if not texts:
+            raise UserInputError("no prompts on stdin", hint="give one prompt per line")
+    return texts

@@ -249,3 +249,24 @@ def _single(w: torch.Tensor, label: str) -> torch.Tensor:
     if w.ndim != 2:
         raise UserInputError(f"endpoint {label} must be one W+ code [num_ws, w_dim], got {tuple(w.shape)}")
     return w.float().cpu()
+
+
+def parse_beta(text: str, what: str = "--beta") -> float:
+    """A finite float from the command line, or UserInputError naming the option."""
+    import math
+
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{what} must be a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise UserInputError(f"{what} must be a finite number, got '{text}'")
+    return value
+
+
+def parse_edit(spec: str) -> tuple[str, float]:
+    """`TEXT:BETA` -> (text, beta); the last colon splits, so texts may contain colons."""
+    text, sep, beta = spec.rpartition(":")
+    if not sep or not text.strip() or not beta.strip():
+        raise UserInputError(f"malformed --edit '{spec}'", hint="expected TEXT:BETA, e.g. --edit beard:2")
+    return text.strip(), parse_beta(beta.strip(), f"beta in --edit '{spec}'")

@@ -236,3 +236,26 @@ def load_models(mapper: str | Path | None = None, generator: str | None = None, 
     paths["generator"] = generator_path if generator_path.is_file() else resolve_reference(generator)
     clip_model = _clip_from_spec(clip, torch_device)
     return _assemble("custom", None, paths, clip_model, torch_device, backend, need_mapper)
+
+
+def select_models(pack: str | None = None, mapper: str | Path | None = None, generator: str | None = None,
+                  clip: str | None = None, device="auto", backend: str = "auto", need_mapper: bool = True) -> Pack:
+    """--pack NAME, or --mapper/--generator/--clip (not both); neither: the default pack."""
+    if any((mapper, generator, clip)):
+        if pack:
+            raise UserInputError("give either --pack or --mapper/--generator/--clip, not both")
+        return load_models(mapper=mapper, generator=generator, clip=clip, device=device, backend=backend,
+                           need_mapper=need_mapper)
+    return load_pack(pack, device=device, backend=backend, need_mapper=need_mapper)
+
+
+def output_metadata(pack: Pack, **extra) -> dict[str, str]:
+    """Text metadata for written files: pack, model file hashes, clip2gan version, and `extra`."""
+    import json
+
+    from .. import __version__
+
+    metadata = {"pack": pack.name, "model_hashes": json.dumps(pack.file_hashes(), sort_keys=True),
+                "clip2gan_version": __version__, "software": f"clip2gan {__version__}"}
+    metadata.update({key: str(value) for key, value in extra.items()})
+    return metadata
