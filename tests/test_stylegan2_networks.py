@@ -372,3 +372,18 @@ def test_modulated_conv2d_matches_a_per_sample_loop():
         w = w * (w.square().sum(dim=[1, 2, 3], keepdim=True) + 1e-8).rsqrt()
         expected = F.conv2d(x[n:n + 1], w, padding=1) + noise[n:n + 1]
         assert torch.allclose(out[n:n + 1], expected, atol=1e-5)
+
+
+def test_networks_never_modify_their_inputs_in_place():
+    G, D = tiny_generator(16).eval(), tiny_discriminator(16).eval()
+    randomize_noise_strengths(G)
+    ws = torch.randn(4, G.num_ws, G.w_dim)
+    noise = G.synthesis.make_noise(4, generator=torch.Generator().manual_seed(0))
+    img = torch.randn(4, 3, 16, 16)
+    copies = (ws.clone(), {k: v.clone() for k, v in noise.items()}, img.clone())
+    with torch.no_grad():
+        G.synthesis(ws, noise=noise)
+        G.synthesis(ws, noise=noise, fused_modconv=False)
+        D(img)
+    assert torch.equal(ws, copies[0]) and torch.equal(img, copies[2])
+    assert all(torch.equal(noise[k], copies[1][k]) for k in noise)

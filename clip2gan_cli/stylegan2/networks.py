@@ -412,7 +412,7 @@ class SynthesisBlock(_OpsUser):
         if img is not None:  # skip architecture: upsample the running image with the FIR
             img = _upsample2d(self.ops, img, self.resample_filter)
         y = self.torgb(x, w_rows[self.num_conv], fused_modconv=fused_modconv).to(torch.float32)
-        img = img + y if img is not None else y
+        img = img.add_(y) if img is not None else y  # in place: img is the upsampling's fresh output
         return x, img
 
     def extra_repr(self):
@@ -586,7 +586,7 @@ class DiscriminatorBlock(_OpsUser):
             x = self.fromrgb(img)
         y = self.skip(x, gain=math.sqrt(0.5))
         x = self.conv1(self.conv0(x), gain=math.sqrt(0.5))
-        return y + x
+        return y.add_(x)  # in place: y is the skip conv's fresh output
 
     def extra_repr(self):
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, resolution={self.resolution}"

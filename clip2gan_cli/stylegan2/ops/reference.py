@@ -193,11 +193,11 @@ def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, res
         x = x * styles.to(x.dtype).reshape(batch, -1, 1, 1)
         x = conv2d_resample(x, weight.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding,
                             flip_weight=flip_weight)
+        if demodulate and noise is not None:
+            return torch.addcmul(noise.to(x.dtype), x, dcoefs.to(x.dtype).reshape(batch, -1, 1, 1))
         if demodulate:
-            x = x * dcoefs.to(x.dtype).reshape(batch, -1, 1, 1)
-        if noise is not None:
-            x = x + noise.to(x.dtype)
-        return x
+            return x * dcoefs.to(x.dtype).reshape(batch, -1, 1, 1)
+        return x.add_(noise.to(x.dtype)) if noise is not None else x
     if demodulate:
         w = w * dcoefs.reshape(batch, -1, 1, 1, 1)
     x = x.reshape(1, -1, *x.shape[2:])  # the batch becomes groups of one grouped conv
@@ -206,5 +206,5 @@ def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, res
                         groups=batch, flip_weight=flip_weight)
     x = x.reshape(batch, -1, *x.shape[2:])
     if noise is not None:
-        x = x + noise.to(x.dtype)
+        x = x.add_(noise.to(x.dtype))  # in place: x is the conv's fresh output
     return x
