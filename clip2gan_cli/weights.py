@@ -461,11 +461,15 @@ def local_packs_path() -> Path:
     return cache_dir() / "packs.toml"
 
 
-def load_registry(path: str | os.PathLike | None = None) -> Registry:
-    """Load the registry (`path`, else $CLIP2GAN_REGISTRY, else the packaged weights.toml) plus local packs."""
+def _registry_path(path: str | os.PathLike | None) -> Path:
     if path is None and os.environ.get("CLIP2GAN_REGISTRY", "").strip():
         path = os.environ["CLIP2GAN_REGISTRY"].strip()
-    registry_path = Path(path).expanduser() if path is not None else default_registry_path()
+    return Path(path).expanduser() if path is not None else default_registry_path()
+
+
+def load_registry(path: str | os.PathLike | None = None) -> Registry:
+    """Load the registry (`path`, else $CLIP2GAN_REGISTRY, else the packaged weights.toml) plus local packs."""
+    registry_path = _registry_path(path)
     registry = parse_registry(_read_text(registry_path), source=str(registry_path))
     local_path = local_packs_path()
     if local_path.is_file():
@@ -495,13 +499,15 @@ def register_local_pack(entry: PackEntry) -> Path:
     """Add (or replace) a local pack in `<cache>/packs.toml`; returns that file's path.
 
     Registry names are kept as names; any other reference must be an existing file and is stored
-    as an absolute path. The name of a pack or file of the packaged registry cannot be reused.
+    as an absolute path. The name of a pack or file of the registry (packaged, or
+    $CLIP2GAN_REGISTRY) cannot be reused.
     """
     if not _NAME_RE.match(entry.name):
         raise UserInputError(f"invalid pack name '{entry.name}' (letters, digits, '.', '_', '-')")
     if entry.builtin:
         raise UserInputError(f"pack '{entry.name}': a local pack cannot be builtin")
-    base = parse_registry(_read_text(default_registry_path()), source=str(default_registry_path()))
+    base_path = _registry_path(None)
+    base = parse_registry(_read_text(base_path), source=str(base_path))
     if entry.name in base.packs or entry.name in base.files:
         raise UserInputError(f"'{entry.name}' is the name of a registry entry; choose another pack name")
     refs = {}
@@ -828,9 +834,16 @@ def _transfer(url: str, temp: Path, entry: WeightEntry, bar: "_ProgressBar", tim
                                 f"{url} serves {total}")
         bar.start(total=total, completed=offset)
         received = 0
-        with open(temp, "ab" if resuming else "wb") as out:
+        try:
+            out = open(temp, "ab" if resuming else "wb")
+        except OSError as error:
+            raise OutputError(f"cannot write {temp}: {error.strerror or error}") from error
+        with out:
             while chunk := response.read(_CHUNK):
-                out.write(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as error:  # a full disk is not worth a retry
+                    raise OutputError(f"cannot write {temp}: {error.strerror or error}") from error
                 received += len(chunk)
                 bar.advance(len(chunk))
                 if entry.size is not None and offset + received > entry.size:
