@@ -116,9 +116,11 @@ def test_kid_is_reproducible_for_a_seed():
 # --------------------------------------------------------------------------- minimums and bad folders
 
 
-def test_fid_with_one_image_says_the_minimum_is_two():
+def test_fid_with_one_image_says_the_minimum_is_two(tmp_path):
     with pytest.raises(UserInputError, match="at least 2 images"):
         fid.frechet_distance(torch.randn(1, 4), torch.randn(5, 4))
+    with pytest.raises(UserInputError, match="FID needs at least 2 images per set; .*one has 1"):
+        fid.folder_features(write_images(tmp_path / "one", 1, seed=0), PixelFeatures(), cache=False)
 
 
 def test_kid_subset_larger_than_a_set_says_the_minimum():

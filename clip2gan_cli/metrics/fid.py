@@ -397,6 +397,7 @@ def folder_features(folder: str | os.PathLike, space: FeatureSpace, batch_size: 
     image_set = read_image_folder(folder, files, progress=progress)
     if len(image_set) == 0:
         raise ImageError(f"no readable image in {folder} ({image_set.n_skipped} unreadable files skipped)")
+    check_enough_images(len(image_set), MIN_IMAGES_FID, str(folder), "FID")  # a covariance needs two
     features = extract_features(image_set.images, space, batch_size=batch_size, progress=progress,
                                 desc=f"{space.name} features ({Path(folder).name})")
     result = FolderFeatures(features=features, statistics=feature_statistics(features),

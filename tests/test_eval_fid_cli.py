@@ -1,0 +1,153 @@
+"""`clip2gan eval-fid`: --json and --report output, cache hit on a second run, bad inputs."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from test_metrics_eval import write_noise_images, write_prompts
+from test_metrics_fid import random_inception_weights  # noqa: F401 (fixture)
+from tiny_models import make_tiny_pack, register_tiny_pack
+
+REPORT_KEYS = {"fid", "n_real", "n_fake", "features", "feature_weights_sha256", "versions"}
+
+
+@pytest.fixture(scope="module")
+def tiny_pack_files(tmp_path_factory):
+    return make_tiny_pack(tmp_path_factory.mktemp("tiny_pack_cli"))
+
+
+@pytest.fixture
+def folders(tmp_path):
+    return write_noise_images(tmp_path / "real", 6, seed=0), write_noise_images(tmp_path / "fake", 6, seed=1)
+
+
+def clip_args(tiny_pack_files):
+    return ["--features", "clip", "--pack", register_tiny_pack(tiny_pack_files, "tiny"), "--device", "cpu", "-q"]
+
+
+def test_json_report_on_stdout_table_on_stderr(cli_runner, folders, tiny_pack_files, tmp_path):
+    real, fake = folders
+    report_file = tmp_path / "out" / "report.json"
+    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files), "--kid",
+                         "--kid-subset-size", "4", "--kid-subsets", "5", "--json", "--report", report_file])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
+    assert REPORT_KEYS | {"kid_mean", "kid_std"} <= set(report)
+    assert report["features"] == "clip" and report["n_real"] == report["n_fake"] == 6
+    assert report["fid"] > 0
+    assert re.fullmatch(r"[0-9a-f]{64}", report["feature_weights_sha256"])
+    assert {"torch", "torch-fidelity", "open_clip", "clip2gan"} <= set(report["versions"])
+    assert "FD_CLIP" in result.stderr
+    assert json.loads(report_file.read_text()) == report
+
+
+def test_table_on_stdout_without_json(cli_runner, folders, tiny_pack_files):
+    real, fake = folders
+    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files)])
+    assert result.exit_code == 0, result.output
+    assert "FD_CLIP" in result.stdout and "real images" in result.stdout
+
+
+def test_second_run_reads_real_statistics_from_the_cache(cli_runner, folders, tiny_pack_files, clip2gan_home):
+    real, fake = folders
+    args = ["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files), "--json"]
+    first, second = json.loads(cli_runner(args).stdout), json.loads(cli_runner(args).stdout)
+    assert (first["real_stats_cached"], second["real_stats_cached"]) == (False, True)
+    assert second["fid"] == pytest.approx(first["fid"], rel=1e-9)
+    assert len(list((clip2gan_home / "stats").glob("*.npz"))) == 1
+    third = json.loads(cli_runner(args + ["--no-cache"]).stdout)
+    assert third["real_stats_cached"] is False
+
+
+def test_prompts_report_clip_score_and_diversity(cli_runner, folders, tiny_pack_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIP2GAN_OFFLINE", "1")  # no AlexNet for LPIPS: the documented L1 fallback
+    real, _ = folders
+    prompts = write_prompts(tmp_path / "prompts.txt", "a red circle", "a blue square")
+    result = cli_runner(["eval-fid", "--real", real, "--prompts", prompts, "-n", "3", *clip_args(tiny_pack_files),
+                         "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n_fake"] == 6 and report["n_prompts"] == 2
+    assert 0 <= report["clip_score"] <= 100
+    assert report["diversity_l1"] > 0 and "LPIPS unavailable" in report["diversity_note"]
+    assert "diversity_lpips" not in report
+    assert "LPIPS unavailable" in result.stderr
+
+
+def test_inception_never_downloads_offline(cli_runner, folders, monkeypatch):
+    monkeypatch.setenv("CLIP2GAN_OFFLINE", "1")
+    real, fake = folders
+    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, "--device", "cpu", "-q"])
+    assert result.exit_code == 1
+    assert "inception-fid" in result.stderr and "CLIP2GAN_OFFLINE" in result.stderr
+
+
+@pytest.mark.slow
+def test_inception_features_from_a_local_weights_file(cli_runner, tmp_path, random_inception_weights):
+    real = write_noise_images(tmp_path / "real", 3, seed=0, size=24)
+    fake = write_noise_images(tmp_path / "fake", 3, seed=1, size=32)  # another size: resized by the extractor
+    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, "--inception-weights", random_inception_weights,
+                         "--device", "cpu", "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["features"] == "inception" and report["feature_dim"] == 2048 and report["fid"] > 0
+    assert "2048" in result.stderr  # the warning that 3 images in 2048-d give a biased FID
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def run_error(cli_runner, args):
+    result = cli_runner(["eval-fid", *map(str, args)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def test_missing_real_folder(cli_runner, tmp_path, tiny_pack_files):
+    fake = write_noise_images(tmp_path / "fake", 3, seed=0)
+    assert "does not exist" in run_error(cli_runner, ["--real", tmp_path / "nope", "--fake", fake,
+                                                      *clip_args(tiny_pack_files)])
+
+
+def test_empty_fake_folder(cli_runner, folders, tmp_path, tiny_pack_files):
+    (tmp_path / "empty").mkdir()
+    real, _ = folders
+    assert "holds no images" in run_error(cli_runner, ["--real", real, "--fake", tmp_path / "empty",
+                                                       *clip_args(tiny_pack_files)])
+
+
+def test_one_real_image_says_fid_needs_two(cli_runner, folders, tmp_path, tiny_pack_files):
+    one = write_noise_images(tmp_path / "one", 1, seed=0)
+    _, fake = folders
+    assert "FID needs at least 2 images" in run_error(cli_runner, ["--real", one, "--fake", fake,
+                                                                   *clip_args(tiny_pack_files)])
+
+
+def test_kid_with_too_few_images_says_the_subset_size(cli_runner, folders, tiny_pack_files):
+    real, fake = folders
+    stderr = run_error(cli_runner, ["--real", real, "--fake", fake, *clip_args(tiny_pack_files), "--kid"])
+    assert "at least 1000 images" in stderr and "--kid-subset-size" in stderr
+
+
+def test_unreadable_files_are_skipped_with_a_count(cli_runner, folders, tiny_pack_files):
+    real, fake = folders
+    (fake / "broken.png").write_bytes(b"not a png")
+    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["n_fake"], report["n_fake_skipped"]) == (6, 1)
+    assert "skipped 1 unreadable file(s) in the fake folder" in result.stderr
+
+
+def test_fake_and_prompts_together_are_refused(cli_runner, folders, tmp_path):
+    real, fake = folders
+    prompts = write_prompts(tmp_path / "p.txt", "a red circle")
+    assert "not both" in run_error(cli_runner, ["--real", real, "--fake", fake, "--prompts", prompts, "-n", "2"])
+
+
+def test_empty_prompts_file_is_refused(cli_runner, folders, tmp_path):
+    real, _ = folders
+    (tmp_path / "p.txt").write_text("\n# only a comment\n")
+    assert "holds no prompt" in run_error(cli_runner, ["--real", real, "--prompts", tmp_path / "p.txt", "-n", "2"])
