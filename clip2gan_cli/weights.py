@@ -325,8 +325,8 @@ def _table(data: dict, key: str, lines: _LineMap) -> dict:
     if not isinstance(table, dict):
         raise lines.error(f"'{key}' must be a table of [{key}.<name>] tables", key)
     for name, body in table.items():
-        if not _NAME_RE.match(name):
-            raise lines.error(f"invalid name '{name}' (letters, digits, '.', '_', '-'; at most 100)", key, name)
+        if not _NAME_RE.fullmatch(name):
+            raise lines.error(f"invalid name {name!r} (letters, digits, '.', '_', '-'; at most 100)", key, name)
         if not isinstance(body, dict):
             raise lines.error(f"'{key}.{name}' must be a table", key, name)
     return table
@@ -351,7 +351,7 @@ def _parse_file(name: str, body: dict, lines: _LineMap) -> WeightEntry:
             raise lines.error(f"file '{name}': '{candidate}' is not an http(s) URL", *where, key)
     sha256 = body.get("sha256")
     if sha256 is not None:
-        if not isinstance(sha256, str) or not _SHA256_RE.match(sha256):
+        if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
             raise lines.error(f"file '{name}': malformed sha256 {sha256!r} (must be 64 hex digits)",
                               *where, "sha256")
         sha256 = sha256.lower()
@@ -502,7 +502,7 @@ def register_local_pack(entry: PackEntry) -> Path:
     as an absolute path. The name of a pack or file of the registry (packaged, or
     $CLIP2GAN_REGISTRY) cannot be reused.
     """
-    if not _NAME_RE.match(entry.name):
+    if not _NAME_RE.fullmatch(entry.name):
         raise UserInputError(f"invalid pack name '{entry.name}' (letters, digits, '.', '_', '-')")
     if entry.builtin:
         raise UserInputError(f"pack '{entry.name}': a local pack cannot be builtin")
@@ -574,7 +574,7 @@ def _read_record(target: Path) -> str | None:
         text = _record_path(target).read_text(encoding="ascii").strip().lower()
     except (OSError, UnicodeDecodeError):
         return None
-    return text if _SHA256_RE.match(text) else None
+    return text if _SHA256_RE.fullmatch(text) else None
 
 
 def is_cached(entry: WeightEntry) -> bool:

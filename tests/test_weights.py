@@ -63,6 +63,7 @@ def test_malformed_sha256_is_rejected_with_its_line():
     message = rejected(VALID.replace(GOOD_SHA, "abc123"))
     assert message.startswith("reg.toml:5:") and "malformed sha256" in message and "64 hex" in message
     assert rejected(VALID.replace(GOOD_SHA, "g" * 64)).startswith("reg.toml:5:")
+    assert rejected(VALID.replace(GOOD_SHA, GOOD_SHA + "\\n")).startswith("reg.toml:5:")  # no trailing newline
 
 
 @pytest.mark.parametrize("size", ["0", "-3", '"10"', "1.5", "true"])
