@@ -347,3 +347,28 @@ def test_two_processes_fetch_one_file_once(server, tmp_path, clip2gan_home, clip
     assert f"shared: {target}" in out_first and f"shared: {target}" in second.stdout
     assert target.read_bytes() == PAYLOAD
     assert "Waiting for another process" in second.stderr
+
+
+@pytest.mark.slow
+def test_downloaded_nvidia_pickle_converts_to_safetensors(server, tmp_path, cli_runner, clip2gan_home):
+    """End to end with the real converter: a tiny NVIDIA-structured pickle served over HTTP."""
+    pytest.importorskip("clip2gan_cli.stylegan2.convert")
+    nvidia_pickles = pytest.importorskip("_nvidia_pickles")
+    parity = Path(__file__).parent / "data" / "parity" / "nvidia_small.safetensors"
+    if not parity.is_file():
+        pytest.skip(f"parity data missing: {parity}")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(parity))
+    split = {prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)} for prefix in ("G.", "D.")}
+    body = nvidia_pickles.dumps_snapshot(split["G."], split["D."])
+    url = server.add("/small.pkl", body=body)
+    registry = write_registry(tmp_path / "reg.toml", {"small": {"url": url, "format": "nvidia-pkl",
+                                                                "sha256": hashlib.sha256(body).hexdigest()}})
+    result = cli_runner(["download-weights", "small", "-q", "--registry", registry])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == f"small: {clip2gan_home / 'weights' / 'small' / 'small.pkl'}"
+    converted = Path(lines[1].split(": ", 1)[1])
+    assert converted.suffix == ".safetensors" and converted.is_file()
+    assert len(load_file(str(converted))) > 0
