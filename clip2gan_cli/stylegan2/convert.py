@@ -708,7 +708,10 @@ def _build(network: ImportedNetwork, backend: str, source: str) -> torch.nn.Modu
                   else Discriminator(network.config, backend=backend))
     except UserInputError as error:
         raise CheckpointError(f"{source}: {error}") from None
-    load_state_dict_strict(module, network.state_dict, source=source)
+    state_dict = network.state_dict
+    if network.estimate_w_avg:  # a placeholder centre, replaced by the estimate right after loading
+        state_dict = {**state_dict, "mapping.w_avg": torch.zeros(network.config.w_dim)}
+    load_state_dict_strict(module, state_dict, source=source)
     if network.estimate_w_avg:
         estimate_w_avg(module)
         network.metadata["w_avg_source"] = (f"estimated: mean of mapping(z) over {LATENT_AVG_SAMPLES} z ~ N(0, I) "

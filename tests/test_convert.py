@@ -1,0 +1,390 @@
+"""Checkpoint import: NVIDIA pickles (built here in NVIDIA's persistence structure), rosinality
+`.pt` files, the project's safetensors, config inference from shapes, and the conversion cache."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from _nvidia_pickles import dumps_snapshot
+from clip2gan_cli.errors import CheckpointError, UserInputError
+from clip2gan_cli.stylegan2 import build_discriminator, build_generator, convert
+from clip2gan_cli.stylegan2.networks import Discriminator, Generator
+
+PARITY = Path(__file__).parent / "data" / "parity"
+TOLERANCE = 1e-5
+
+
+def _load_parity(name: str) -> dict[str, torch.Tensor]:
+    path = PARITY / name
+    if not path.is_file():
+        pytest.skip(f"parity data missing: {path}")
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _split(tensors: dict, prefix: str) -> dict:
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
+    error = (actual - expected).abs().max().item()
+    bound = TOLERANCE * max(1.0, expected.abs().max().item())
+    assert error <= bound, f"{name}: max|out - ref| = {error:.3g} > {bound:.3g}"
+
+
+@pytest.fixture(scope="module")
+def nvidia_small():
+    return _load_parity("nvidia_small.safetensors")
+
+
+@pytest.fixture(scope="module")
+def rosinality_small():
+    return _load_parity("rosinality_small.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# NVIDIA pickles
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4])
+def test_nvidia_snapshot_pickle_loads_and_reproduces_parity_outputs(tmp_path, nvidia_small, protocol):
+    pickle_path = tmp_path / f"network-snapshot-p{protocol}.pkl"
+    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D."), protocol=protocol))
+    G = convert.load_generator(pickle_path, device="cpu", backend="reference")
+    D = convert.load_discriminator(pickle_path, device="cpu", backend="reference")
+    assert isinstance(G, Generator) and isinstance(D, Discriminator)
+    assert not G.training and not any(p.requires_grad for p in G.parameters())
+    z = nvidia_small["in.z"]
+    with torch.no_grad():
+        for psi, cutoff, name in ((1.0, None, "psi1"), (0.7, None, "psi0.7"), (0.7, 4, "psi0.7.cutoff4")):
+            ws = G.mapping(z, truncation_psi=psi, truncation_cutoff=cutoff)
+            assert_close(f"out.ws.{name}", ws, nvidia_small[f"out.ws.{name}"])
+            assert_close(f"out.img.{name}.const", G.synthesis(ws, noise_mode="const"),
+                         nvidia_small[f"out.img.{name}.const"])
+        ws = G.mapping(z)
+        assert_close("out.img.psi1.none", G.synthesis(ws, noise_mode="none"), nvidia_small["out.img.psi1.none"])
+        prefix = "in.noise.psi0.7.random."
+        noise = {key[len(prefix):]: value for key, value in nvidia_small.items() if key.startswith(prefix)}
+        ws = G.mapping(z, truncation_psi=0.7)
+        assert_close("out.img.psi0.7.random", G.synthesis(ws, noise=noise), nvidia_small["out.img.psi0.7.random"])
+        assert_close("out.img.G_forward.psi0.7.const", G(z, truncation_psi=0.7, noise_mode="const"),
+                     nvidia_small["out.img.G_forward.psi0.7.const"])
+        for image in ("psi1.const", "psi0.7.const"):
+            assert_close(f"out.D.logits.img.{image}", D(nvidia_small[f"out.img.{image}"]),
+                         nvidia_small[f"out.D.logits.img.{image}"])
+
+
+def test_nvidia_pickle_recorded_conv_clamp_and_mbstd_group_are_used(tmp_path, nvidia_small):
+    # conv_clamp and the mbstd group change no tensor: they must come from the recorded attributes.
+    pickle_path = tmp_path / "clamped.pkl"
+    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D."),
+                                           conv_clamp=(1.5, 4.0)))
+    G = convert.load_generator(pickle_path, device="cpu", backend="reference")
+    D = convert.load_discriminator(pickle_path, device="cpu", backend="reference")
+    assert G.config.conv_clamp == 1.5 and D.config.conv_clamp == 4.0
+    with torch.no_grad():
+        assert_close("out.img.psi1.const.clamp", G.synthesis(nvidia_small["out.ws.psi1"], noise_mode="const"),
+                     nvidia_small["out.img.psi1.const.clamp"])
+        assert_close("out.D.logits.img.psi1.const.clamp", D(nvidia_small["out.img.psi1.const"]),
+                     nvidia_small["out.D.logits.img.psi1.const.clamp"])
+    whole_batch = tmp_path / "legacy-tf-conversion.pkl"
+    whole_batch.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D."),
+                                           mbstd_group_size=None))
+    assert convert.load_discriminator(whole_batch, device="cpu").config.mbstd_group_size is None
+
+
+def test_nvidia_pickle_without_discriminator_gives_a_clear_error_for_D(tmp_path, nvidia_small):
+    pickle_path = tmp_path / "generator-only.pkl"
+    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), None))
+    assert convert.load_generator(pickle_path, device="cpu").img_resolution == 32
+    with pytest.raises(CheckpointError, match="holds no discriminator"):
+        convert.load_discriminator(pickle_path, device="cpu")
+
+
+def test_conversion_happens_once_and_records_its_source(tmp_path, nvidia_small):
+    pickle_path = tmp_path / "net.pkl"
+    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D.")))
+    out_dir = tmp_path / "converted"
+    generator_path = convert.convert_checkpoint(pickle_path, out_dir=out_dir)
+    assert generator_path == out_dir / "net.G.safetensors"
+    assert convert.discriminator_path(generator_path) == out_dir / "net.D.safetensors"
+    assert convert.discriminator_path(generator_path).is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(generator_path), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == convert.GENERATOR_FORMAT
+    assert json.loads(metadata["config"])["img_resolution"] == 32
+    assert metadata["source_network"] == "G_ema" and metadata["source_format"] == "nvidia-pkl"
+    assert len(metadata["source_sha256"]) == 64
+    first_write = generator_path.stat().st_mtime_ns
+
+    assert convert.convert_checkpoint(pickle_path, out_dir=out_dir) == generator_path
+    assert generator_path.stat().st_mtime_ns == first_write, "an up-to-date conversion is reused"
+    os.utime(pickle_path, ns=(first_write + 10**9, first_write + 10**9))  # touched, same bytes
+    convert.convert_checkpoint(pickle_path, out_dir=out_dir)
+    assert generator_path.stat().st_mtime_ns == first_write, "same sha256: reused"
+
+    changed = _split(nvidia_small, "G.")
+    changed["mapping.w_avg"] = changed["mapping.w_avg"] + 1.0
+    pickle_path.write_bytes(dumps_snapshot(changed, _split(nvidia_small, "D.")))
+    convert.convert_checkpoint(pickle_path, out_dir=out_dir)
+    G = convert.load_generator(generator_path, device="cpu")
+    torch.testing.assert_close(G.w_avg, changed["mapping.w_avg"], rtol=0, atol=0)
+
+
+def test_convert_checkpoint_defaults_to_the_cache(tmp_path, nvidia_small, clip2gan_home):
+    pickle_path = tmp_path / "ffhq.pkl"
+    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), None))
+    assert convert.convert_checkpoint(pickle_path) == clip2gan_home / "converted" / "ffhq.G.safetensors"
+
+
+def test_registry_name_is_fetched_converted_and_loaded(tmp_path, nvidia_small, monkeypatch, clip2gan_home):
+    pickle_path = tmp_path / "stylegan2-tiny-32x32.pkl"
+    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D.")))
+    fetched = []
+
+    def fake_fetch(name, registry=None, progress=True):
+        fetched.append(name)
+        return pickle_path
+
+    monkeypatch.setattr("clip2gan_cli.weights.fetch", fake_fetch)
+    G = convert.load_generator("stylegan2-tiny-32x32", device="cpu", backend="reference")
+    D = convert.load_discriminator("stylegan2-tiny-32x32", device="cpu", backend="reference")
+    assert fetched == ["stylegan2-tiny-32x32"] * 2
+    assert (clip2gan_home / "converted" / "stylegan2-tiny-32x32.G.safetensors").is_file()
+    with torch.no_grad():
+        assert_close("out.img.psi1.const", G.synthesis(nvidia_small["out.ws.psi1"]), nvidia_small["out.img.psi1.const"])
+        assert_close("out.D.logits.img.psi1.const", D(nvidia_small["out.img.psi1.const"]),
+                     nvidia_small["out.D.logits.img.psi1.const"])
+
+
+# ----------------------------------------------------------------------------------------------
+# rosinality .pt
+
+
+def _rosinality_mean_latent(g_state: dict, samples: int, seed: int) -> torch.Tensor:
+    """rosinality's Generator.mean_latent written out from its own tensors (PixelNorm + EqualLinear)."""
+    z = torch.randn([samples, g_state["style.1.weight"].shape[1]], generator=torch.Generator().manual_seed(seed))
+    x = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)
+    index = 1
+    while f"style.{index}.weight" in g_state:
+        weight, bias = g_state[f"style.{index}.weight"], g_state[f"style.{index}.bias"]
+        x = torch.nn.functional.linear(x, weight * (0.01 / math.sqrt(weight.shape[1])))
+        x = torch.nn.functional.leaky_relu(x + bias * 0.01, 0.2) * math.sqrt(2)
+        index += 1
+    return x.mean(dim=0)
+
+
+def test_rosinality_converted_file_with_latent_avg_loads(tmp_path, rosinality_small):
+    checkpoint = {"g_ema": _split(rosinality_small, "g_ema."), "latent_avg": rosinality_small["latent_avg"],
+                  "d": _split(rosinality_small, "d.")}
+    path = tmp_path / "stylegan2-ffhq-config-f.pt"
+    torch.save(checkpoint, path)
+    G = convert.load_generator(path, device="cpu", backend="reference")
+    D = convert.load_discriminator(path, device="cpu", backend="reference")
+    torch.testing.assert_close(G.w_avg, rosinality_small["latent_avg"], rtol=0, atol=0)
+    with torch.no_grad():
+        ws = G.mapping(rosinality_small["in.z"], truncation_psi=0.7)
+        assert_close("out.img.psi0.7.buffers", G.synthesis(ws), rosinality_small["out.img.psi0.7.buffers"])
+        assert_close("out.D.logits.img.psi1.buffers", D(rosinality_small["out.img.psi1.buffers"]),
+                     rosinality_small["out.D.logits.img.psi1.buffers"])
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_rosinality_training_snapshot_estimates_latent_avg(tmp_path, rosinality_small, legacy):
+    g_ema = _split(rosinality_small, "g_ema.")
+    snapshot = {
+        "g": {name: value + 0.5 for name, value in g_ema.items()},  # raw weights differ from the EMA
+        "d": _split(rosinality_small, "d."),
+        "g_ema": g_ema,
+        "g_optim": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
+                    "param_groups": [{"lr": 0.002, "betas": (0.0, 0.99), "params": [0]}]},
+        "d_optim": {"state": {}, "param_groups": []},
+        "args": argparse.Namespace(size=32, n_mlp=8, latent=64, channel_multiplier=2, path="/data/lmdb",
+                                   ckpt=None, augment=True),
+        "ada_aug_p": 0.12,
+    }
+    path = tmp_path / "550000.pt"
+    torch.save(snapshot, path, _use_new_zipfile_serialization=not legacy)
+    G = convert.load_generator(path, device="cpu", backend="reference")
+    expected = _rosinality_mean_latent(g_ema, convert.LATENT_AVG_SAMPLES, convert.LATENT_AVG_SEED)
+    torch.testing.assert_close(G.w_avg, expected, rtol=1e-5, atol=1e-5)
+    from safetensors import safe_open
+
+    with safe_open(str(convert.converted_paths(path)[0]), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["w_avg_source"].startswith("estimated: mean of mapping(z) over 4096")
+    assert metadata["source_network"] == "g_ema"
+    assert json.loads(metadata["training_args"])["channel_multiplier"] == 2
+    with torch.no_grad():  # the EMA weights were used, not `g`
+        assert_close("out.img.psi1.buffers", G.synthesis(G.mapping(rosinality_small["in.z"])),
+                     rosinality_small["out.img.psi1.buffers"])
+
+
+def test_rosinality_blur_kernel_other_than_1331_is_refused(tmp_path, rosinality_small):
+    g_ema = _split(rosinality_small, "g_ema.")
+    g_ema["convs.0.conv.blur.kernel"] = torch.ones(4, 4) / 4
+    path = tmp_path / "odd-kernel.pt"
+    torch.save({"g_ema": g_ema, "latent_avg": rosinality_small["latent_avg"]}, path)
+    with pytest.raises(CheckpointError, match="blur kernel"):
+        convert.load_generator(path, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The project's safetensors
+
+
+def test_save_and_load_generator_round_trip(tmp_path):
+    G = build_generator(16, z_dim=8, w_dim=8, channel_base=64, channel_max=16, mapping_layers=2,
+                        conv_clamp=256.0, backend="reference", seed=3).eval()
+    path = convert.save_generator(G, tmp_path / "tiny.G.safetensors", extra_metadata={"note": "test", "n": 3})
+    loaded = convert.load_generator(path, device="cpu", backend="reference")
+    assert loaded.config == G.config
+    z = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z, truncation_psi=0.5), G(z, truncation_psi=0.5), rtol=0, atol=0)
+    D = build_discriminator(16, channel_base=64, channel_max=16, mbstd_group_size=2, backend="reference", seed=4)
+    d_path = convert.save_discriminator(D, tmp_path / "tiny.D.safetensors")
+    assert convert.load_discriminator(d_path, device="cpu").config == D.config
+    with pytest.raises(CheckpointError, match="holds a discriminator, not a generator"):
+        convert.load_generator(d_path, device="cpu")
+
+
+def test_safetensors_without_metadata_uses_json_beside_or_shapes(tmp_path):
+    from safetensors.torch import save_file
+
+    G = build_generator(16, z_dim=8, w_dim=8, channel_base=64, channel_max=16, mapping_layers=2,
+                        backend="reference", seed=5)
+    path = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(path))
+    assert convert.load_generator(path, device="cpu").config.channels_per_resolution() == \
+        G.config.channels_per_resolution()
+    config = dict(G.config.to_dict(), conv_clamp=64.0)  # a shape-neutral setting only the JSON can give
+    path.with_suffix(".json").write_text(json.dumps({"generator": config}))
+    assert convert.load_generator(path, device="cpu").config.conv_clamp == 64.0
+
+
+def test_nvidia_parity_file_loads_by_its_key_prefixes(nvidia_small):
+    G = convert.load_generator(PARITY / "nvidia_small.safetensors", device="cpu", backend="reference")
+    with torch.no_grad():
+        assert_close("out.img.psi0.7.cutoff4.const",
+                     G.synthesis(G.mapping(nvidia_small["in.z"], truncation_psi=0.7, truncation_cutoff=4)),
+                     nvidia_small["out.img.psi0.7.cutoff4.const"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_missing_file_is_a_user_input_error(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist"):
+        convert.load_generator(tmp_path / "nope.pkl", device="cpu")
+    with pytest.raises(UserInputError):
+        convert.convert_checkpoint(tmp_path / "nope.pt", out_dir=tmp_path)
+
+
+def test_unknown_file_content_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "notes.pkl"
+    path.write_text("these are not weights\n")
+    with pytest.raises(CheckpointError, match="not a StyleGAN2 checkpoint"):
+        convert.load_generator(path, device="cpu")
+
+
+def test_unknown_layout_names_what_it_found(tmp_path):
+    path = tmp_path / "classifier.pt"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, path)
+    with pytest.raises(CheckpointError, match="no generator found"):
+        convert.load_generator(path, device="cpu")
+    torch.save({"g_ema": {"fc.weight": torch.zeros(2, 2)}}, path)
+    with pytest.raises(CheckpointError, match="unknown generator layout"):
+        convert.load_generator(path, device="cpu")
+
+
+def test_wrong_architecture_is_a_checkpoint_error(tmp_path, nvidia_small):
+    state = _split(nvidia_small, "G.")
+    state["synthesis.b16.conv0.weight"] = torch.zeros(64, 48, 3, 3)  # no longer fits b8's 64 channels
+    path = tmp_path / "broken.pkl"
+    path.write_bytes(dumps_snapshot(state, None))
+    with pytest.raises(CheckpointError, match="does not fit the network"):
+        convert.load_generator(path, device="cpu")
+    assert not (Path(os.environ["CLIP2GAN_HOME"]) / "converted" / "broken.G.safetensors").exists()
+
+
+def test_truncated_pickle_is_a_checkpoint_error(tmp_path, nvidia_small):
+    data = dumps_snapshot(_split(nvidia_small, "G."), None)
+    path = tmp_path / "truncated.pkl"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        convert.load_generator(path, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture inference from the full-size manifests (shapes only, meta tensors)
+
+
+def _manifest(name: str) -> dict:
+    path = PARITY / name
+    if not path.is_file():
+        pytest.skip(f"parity data missing: {path}")
+    return json.loads(path.read_text())
+
+
+def _meta_state(entries: list[dict], overrides: dict | None = None) -> dict[str, torch.Tensor]:
+    overrides = overrides or {}
+    return {e["name"]: torch.empty(overrides.get(e["name"], e["shape"]), device="meta") for e in entries}
+
+
+@pytest.mark.parametrize("manifest_name, resolution, channel_base, mbstd_group", [
+    ("nvidia_ffhq1024_keys.json", 1024, 32768, 4),
+    ("nvidia_celebahq256_keys.json", 256, 16384, 8),
+])
+def test_infer_config_from_nvidia_manifests(manifest_name, resolution, channel_base, mbstd_group):
+    manifest = _manifest(manifest_name)
+    g_config = convert.infer_generator_config(_meta_state(manifest["G"]["keys"]))
+    assert (g_config.img_resolution, g_config.z_dim, g_config.w_dim) == (resolution, 512, 512)
+    assert g_config.mapping_layers == 8 and g_config.mapping_lr_mul == 0.01
+    assert g_config.num_ws == manifest["G_num_ws"]
+    assert (g_config.channel_base, g_config.channel_max) == (channel_base, 512)
+    assert g_config.channels_per_resolution() == {int(r): c for r, c in manifest["G_channels_per_resolution"].items()}
+    d_config = convert.infer_discriminator_config(_meta_state(manifest["D"]["keys"]), mbstd_group_size=mbstd_group)
+    assert (d_config.img_resolution, d_config.channel_base, d_config.mbstd_num_channels) == (resolution, channel_base, 1)
+    with torch.device("meta"):
+        G, D = Generator(g_config, backend="reference"), Discriminator(d_config, backend="reference")
+    for network, label in ((G, "G"), (D, "D")):
+        ours = {key: list(value.shape) for key, value in network.state_dict().items()}
+        theirs = {entry["name"]: entry["shape"] for entry in manifest[label]["keys"]}
+        assert ours == theirs, f"{label} built from the inferred config differs from the manifest"
+
+
+def test_celebahq256_channel_base_is_told_apart_by_b64_shapes():
+    manifest = _manifest("nvidia_celebahq256_keys.json")
+    g_overrides = {d["name"]: d["shape_cbase32768"] for d in manifest["alternative_channel_base_32768_shape_differences"]
+                   if d["net"] == "G"}
+    assert "synthesis.b64.conv0.weight" in g_overrides
+    config = convert.infer_generator_config(_meta_state(manifest["G"]["keys"], g_overrides))
+    assert config.channel_base == 32768
+    assert config.channels_per_resolution() == {int(r): c for r, c in
+                                                manifest["G_channels_per_resolution_if_channel_base_32768"].items()}
+
+
+def test_inference_refuses_unsupported_layouts():
+    manifest = _manifest("nvidia_celebahq256_keys.json")
+    state = _meta_state(manifest["G"]["keys"])
+    conditional = dict(state, **{"mapping.embed.weight": torch.empty(512, 10, device="meta")})
+    with pytest.raises(CheckpointError, match="class-conditional"):
+        convert.infer_generator_config(conditional)
+    no_torgb = {k: v for k, v in state.items() if not k.startswith("synthesis.b64.torgb.")}
+    with pytest.raises(CheckpointError, match="skip"):
+        convert.infer_generator_config(no_torgb)
+    gap = {k: v for k, v in state.items() if not k.startswith("synthesis.b32.")}
+    with pytest.raises(CheckpointError):
+        convert.infer_generator_config(gap)
