@@ -259,7 +259,8 @@ def _load_clip_weights(model: torch.nn.Module, path: Path, model_name: str) -> N
             # OpenAI's own ViT-B-16.pt is a TorchScript archive: torch.load(weights_only=True) refuses it.
             # torch.jit.load deserialises TorchScript (no Python pickle code runs); only its tensors are kept.
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
-            for key in ("input_resolution", "context_length", "vocab_size"):
+            non_persistent = set(dict(model.named_buffers())) - set(model.state_dict())  # e.g. attn_mask
+            for key in ("input_resolution", "context_length", "vocab_size", *non_persistent):
                 state.pop(key, None)
             if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
                 state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
