@@ -28,7 +28,8 @@ class Route:
     mode: str = "ok"  # ok | drop_once | drop_always | status
     status: int = 200  # for mode "status" (404, 500, ...)
     statuses_then_ok: int = 0  # answer `status` this many times, then serve normally
-    seconds: float = 0.0  # spread the body over this long (to make transfers overlap)
+    seconds: float = 0.0  # spread the body over this long
+    gate: threading.Event | None = None  # send half the body, then wait for this before the rest
     hits: int = 0
 
 
@@ -74,6 +75,11 @@ class FileServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
+                if route.gate is not None:
+                    self.wfile.write(rest[: len(rest) // 2])
+                    self.wfile.flush()
+                    route.gate.wait(timeout=120)
+                    rest = rest[len(rest) // 2:]
                 pieces = 8 if route.seconds else 1
                 step = -(-len(rest) // pieces)
                 for offset in range(0, len(rest), step):
@@ -328,25 +334,33 @@ def test_usage_errors_exit_2(tmp_path, cli_runner):
     assert cli_runner(["download-weights", "a", "--all", "--registry", registry]).exit_code == 2
 
 
-@pytest.mark.slow
-def test_two_processes_fetch_one_file_once(server, tmp_path, clip2gan_home, clip2gan_subprocess):
-    # The body takes ~5 s to arrive, and the second process starts only once the first request
-    # is on the wire: it must wait on the lock and then find the file.
-    url = server.add("/shared.bin", seconds=5.0)
+def test_two_processes_fetch_one_file_once(server, tmp_path, clip2gan_home):
+    # The server holds the first download half way until the second process says it is waiting
+    # on the lock; then both must succeed with one download in all.
+    gate = threading.Event()
+    url = server.add("/shared.bin", gate=gate)
     registry = write_registry(tmp_path / "reg.toml", {"shared": {"url": url, "sha256": PAYLOAD_SHA}})
     args = [sys.executable, "-m", "clip2gan_cli", "download-weights", "shared", "-q", "--registry", str(registry)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    assert server.first_request.wait(timeout=60)
-    second = clip2gan_subprocess(args[3:], timeout=120)
+    assert server.first_request.wait(timeout=120)
+    second = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    safety = threading.Timer(120, gate.set)  # never hang the suite, even if the lock is broken
+    safety.start()
+    try:
+        second_said = second.stderr.readline()  # blocks until it prints (or exits)
+    finally:
+        gate.set()
+        safety.cancel()
     out_first, err_first = first.communicate(timeout=120)
+    out_second, err_second = second.communicate(timeout=120)
+    assert "Waiting for another process that is downloading 'shared'" in second_said
     assert first.returncode == 0, err_first
-    assert second.returncode == 0, second.stderr
+    assert second.returncode == 0, second_said + err_second
     assert server.gets("/shared.bin") == [None]  # one download in all
     target = clip2gan_home / "weights" / "shared" / "shared.bin"
-    assert f"shared: {target}" in out_first and f"shared: {target}" in second.stdout
+    assert f"shared: {target}" in out_first and f"shared: {target}" in out_second
     assert target.read_bytes() == PAYLOAD
-    assert "Waiting for another process" in second.stderr
 
 
 @pytest.mark.slow
