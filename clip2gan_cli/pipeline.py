@@ -229,6 +229,7 @@ def interpolate(w_a: torch.Tensor, w_b: torch.Tensor, frames: int = 24, spherica
         raise UserInputError(f"cannot interpolate W+ codes of shapes {tuple(w_a.shape)} and {tuple(w_b.shape)}")
     t = torch.linspace(0.0, 1.0, frames, dtype=torch.float32).view(-1, 1, 1)
     linear = w_a + t * (w_b - w_a)
+    linear[0], linear[-1] = w_a, w_b  # exact endpoints (w_a + 1 * (w_b - w_a) is not always w_b in float)
     if not spherical:
         return linear
     norm_a, norm_b = w_a.norm(dim=-1, keepdim=True), w_b.norm(dim=-1, keepdim=True)

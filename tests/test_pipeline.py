@@ -1,0 +1,152 @@
+"""pipeline.py on tiny random models: generate, invert/edit, interpolate, and the option parsers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clip2gan_cli import pipeline
+from clip2gan_cli.errors import UserInputError
+from clip2gan_cli.mapper import perturb_clip_features
+from tiny_models import TINY_RESOLUTION, tiny_models, tiny_pack  # noqa: F401  (fixtures)
+
+
+def _generate(models, texts=("a red circle",), **kwargs):
+    return pipeline.generate(models.generator, models.clip, models.mapper, list(texts), **kwargs)
+
+
+def test_generate_shapes_ranges_and_indices(tiny_models):
+    result = _generate(tiny_models, ("a red circle", "a blue square"), n=3, seed=0)
+    num_ws, w_dim = tiny_models.generator.num_ws, tiny_models.generator.w_dim
+    assert result.images.shape == (6, 3, TINY_RESOLUTION, TINY_RESOLUTION)
+    assert result.images.min() >= -1 and result.images.max() <= 1
+    assert result.w_plus.shape == (6, num_ws, w_dim)
+    assert result.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    assert result.sample_index.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_same_seed_same_images_other_seed_other_images(tiny_models):
+    first = _generate(tiny_models, n=2, seed=7)
+    again = _generate(tiny_models, n=2, seed=7)
+    other = _generate(tiny_models, n=2, seed=8)
+    assert torch.equal(first.images, again.images) and torch.equal(first.w_plus, again.w_plus)
+    assert not torch.equal(first.w_plus, other.w_plus)
+
+
+def test_one_prompt_gives_distinct_images_through_the_feature_noise(tiny_models):
+    noisy = _generate(tiny_models, n=4, seed=0)
+    pairwise = [(noisy.images[i] - noisy.images[j]).abs().mean() for i in range(4) for j in range(i + 1, 4)]
+    assert min(pairwise) > 1e-3
+    plain = _generate(tiny_models, n=4, seed=0, feature_noise=("none", 0.0))
+    assert torch.equal(plain.images[0], plain.images[3])  # without the noise every sample is the same
+
+
+def test_generate_uses_the_mappers_noise_and_row_i_does_not_depend_on_n(tiny_models):
+    models = tiny_models
+    result = _generate(models, n=3, seed=5)
+    text_features = models.clip.encode_text(["a red circle"])
+    noise = pipeline.sample_noise(3, text_features.shape[1], 5)
+    expected = models.mapper(perturb_clip_features(text_features.expand(3, -1), models.mapper.config.noise_mode,
+                                                   models.mapper.config.noise_strength, noise=noise))
+    torch.testing.assert_close(result.w_plus, expected)
+    fewer = _generate(models, n=2, seed=5)
+    torch.testing.assert_close(fewer.w_plus, result.w_plus[:2])
+
+
+def test_truncation_zero_collapses_to_the_average_latent(tiny_models):
+    result = _generate(tiny_models, n=3, seed=0, truncation_psi=0.0)
+    w_avg = tiny_models.generator.w_avg
+    torch.testing.assert_close(result.w_plus, w_avg.expand_as(result.w_plus))
+    assert torch.equal(result.images[0], result.images[2])
+
+
+@pytest.mark.parametrize("texts, n, message", [([], 1, "no prompt"), ([""], 1, "empty prompt"),
+                                               (["  "], 1, "empty prompt"), (["a red circle"], 0, "-n")])
+def test_generate_rejects_bad_requests(tiny_models, texts, n, message):
+    with pytest.raises(UserInputError, match=message):
+        _generate(tiny_models, texts, n=n)
+
+
+def test_edit_adds_beta_times_text_directions(tiny_models):
+    models = tiny_models
+    image = _generate(models, n=1, seed=0).images
+    result = pipeline.edit(models.generator, models.clip, models.mapper, image, [("blue", 2.0), ("large", -0.5)])
+    directions = pipeline.text_latents(models.clip, models.mapper, ["blue", "large"])
+    torch.testing.assert_close(result.w_plus, pipeline.invert(models.clip, models.mapper, image))
+    torch.testing.assert_close(result.w_plus_edited, result.w_plus + 2.0 * directions[:1] - 0.5 * directions[1:])
+    assert result.edited.shape == result.reconstruction.shape == image.shape
+    assert not torch.equal(result.edited, result.reconstruction)
+
+
+def test_edit_with_neutral_text_uses_the_difference_of_mapped_texts(tiny_models):
+    models = tiny_models
+    image = _generate(models, n=1, seed=1).images
+    result = pipeline.edit(models.generator, models.clip, models.mapper, image, [("a blue circle", 1.0)],
+                           neutral="a circle")
+    mapped = pipeline.text_latents(models.clip, models.mapper, ["a blue circle", "a circle"])
+    torch.testing.assert_close(result.directions[0], mapped[0] - mapped[1])
+    torch.testing.assert_close(result.w_plus_edited, result.w_plus + (mapped[0] - mapped[1]))
+
+
+def test_edit_without_edits_reconstructs_and_from_a_given_latent(tiny_models):
+    models = tiny_models
+    generated = _generate(models, n=1, seed=2)
+    result = pipeline.edit(models.generator, models.clip, models.mapper, generated.images, [],
+                           w_plus=generated.w_plus)
+    torch.testing.assert_close(result.reconstruction, generated.images)
+    torch.testing.assert_close(result.edited, result.reconstruction)
+    with pytest.raises(UserInputError, match="latent has shape"):
+        pipeline.edit(models.generator, models.clip, models.mapper, generated.images, [],
+                      w_plus=torch.zeros(1, 3, models.generator.w_dim))
+
+
+def test_refinement_lowers_the_reconstruction_error(tiny_models):
+    models = tiny_models
+    target = _generate(models, n=1, seed=3).images
+    start = pipeline.invert(models.clip, models.mapper, target)
+    refined = pipeline.refine_inversion(models.generator, start, target, steps=15, lr=0.05)
+
+    def error(w):
+        return torch.nn.functional.mse_loss(pipeline.synthesize(models.generator, w), target)
+
+    assert error(refined) < error(start)
+    calls = []
+    pipeline.refine_inversion(models.generator, start, target, steps=2,
+                              lpips=lambda x, y: calls.append(1) or (x - y).abs().mean(dim=(1, 2, 3)))
+    assert len(calls) == 2  # the perceptual term is used on every step when given
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_interpolate_frame_count_and_exact_endpoints(spherical):
+    w_a, w_b = torch.randn(1, 6, 32), torch.randn(6, 32)
+    frames = pipeline.interpolate(w_a, w_b, 7, spherical=spherical)
+    assert frames.shape == (7, 6, 32)
+    assert torch.equal(frames[0], w_a[0]) and torch.equal(frames[-1], w_b)
+    if not spherical:
+        torch.testing.assert_close(frames[3], (w_a[0] + w_b) / 2)
+    else:  # lengths are interpolated linearly
+        torch.testing.assert_close(frames[3].norm(dim=-1), (w_a[0].norm(dim=-1) + w_b.norm(dim=-1)) / 2)
+
+
+def test_interpolate_rejects_too_few_frames_and_mismatched_codes():
+    with pytest.raises(UserInputError, match="--frames"):
+        pipeline.interpolate(torch.zeros(6, 32), torch.zeros(6, 32), 1)
+    with pytest.raises(UserInputError, match="shapes"):
+        pipeline.interpolate(torch.zeros(6, 32), torch.zeros(4, 32), 3)
+
+
+@pytest.mark.parametrize("spec, expected", [("beard:2", ("beard", 2.0)), ("blond hair:-1.5", ("blond hair", -1.5)),
+                                            ("a:b:0.5", ("a:b", 0.5)), (" smile : 3 ", ("smile", 3.0))])
+def test_parse_edit_valid(spec, expected):
+    assert pipeline.parse_edit(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["beard", "beard:", ":2", "beard:two", "beard:nan", "beard:inf", ""])
+def test_parse_edit_malformed(spec):
+    with pytest.raises(UserInputError, match="--edit|beta"):
+        pipeline.parse_edit(spec)
+
+
+def test_parse_beta_rejects_non_numbers():
+    assert pipeline.parse_beta("-0.5") == -0.5
+    with pytest.raises(UserInputError, match="--beta must be a number"):
+        pipeline.parse_beta("strong")
