@@ -1,0 +1,89 @@
+"""Training speed: steps/s of `clip2gan train` for a small config, with each loss switched on in turn.
+
+    .venv/bin/python bench/train.py [--steps 10] [--resolution 32] [--batch-size 4] [--device cpu]
+
+Random-weight models (a small StyleGAN2, a small ViT CLIP, a random-trunk LPIPS and facenet) so
+it needs no downloads; the numbers measure the loop's cost per loss, not the quality. Each row is
+a fresh run of `run_training` in a temporary directory; steps/s excludes set-up and the final
+checkpoint/sample sheet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+
+def small_models(resolution: int, seed: int = 0):
+    """G, CLIP and D at `resolution` (channels capped at 64), random weights."""
+    import torch
+
+    from clip2gan_cli.clip import load_clip
+    from clip2gan_cli.stylegan2.networks import build_discriminator, build_generator
+
+    generator = build_generator(resolution, z_dim=64, w_dim=64, channel_base=2048, channel_max=64,
+                                mapping_layers=2, seed=seed)
+    clip_config = {"embed_dim": 64,
+                   "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 32},
+                   "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = load_clip("bench-clip", pretrained=None, config=clip_config, device="cpu")
+    discriminator = build_discriminator(resolution, channel_base=2048, channel_max=64, seed=seed + 1)
+    return generator, clip, discriminator
+
+
+ROWS = [  # (label, config overrides): each loss on its own, then all five
+    ("L_rec", dict(lambda_lpips=0.0, lambda_adv=0.0, lambda_id=0.0, lambda_div=0.0)),
+    ("L_rec + L_LPIPS (alex)", dict(lambda_adv=0.0, lambda_id=0.0, lambda_div=0.0)),
+    ("L_rec + L_G (WGAN-GP)", dict(lambda_lpips=0.0, lambda_id=0.0, lambda_div=0.0)),
+    ("L_rec + L_id (facenet)", dict(lambda_lpips=0.0, lambda_adv=0.0, lambda_div=0.0, identity="on")),
+    ("L_rec + L_div", dict(lambda_lpips=0.0, lambda_adv=0.0, lambda_id=0.0)),
+    ("all five", dict(identity="on")),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+
+    import torch
+
+    from clip2gan_cli.train.config import TrainConfig
+    from clip2gan_cli.train.losses import build_identity_net
+    from clip2gan_cli.train.trainer import TrainModels, run_training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    generator, clip, discriminator = small_models(args.resolution)
+    identity = build_identity_net(None)
+    print(f"device {args.device}, G {args.resolution}px, batch {args.batch_size}, {args.steps} steps per row, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'losses':<26}{'steps/s':>10}{'ms/step':>10}")
+    for label, overrides in ROWS:
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, device=args.device, num_workers=0,
+                             log_every=args.steps, sample_every=args.steps, checkpoint_every=args.steps,
+                             lpips_backbone="random", num_sample_images=2, sample_prompts=["a red circle"],
+                             **{"identity": "off", **overrides})
+        models = TrainModels(generator, clip, discriminator if config.lambda_adv > 0 else None,
+                             identity if config.identity == "on" else None)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            run_training(config, Path(tmp) / "run", models=models, progress=False, log=lambda _: None)
+            total = time.perf_counter() - started
+            # The metrics line of the last step is logged before its sample sheet and checkpoint are
+            # written, so this speed is the training loop's alone.
+            last = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()[-1]
+        speed = json.loads(last)["steps_per_s"]
+        print(f"{label:<26}{speed:>10.2f}{1000 / speed:>10.0f}   (run with set-up: {total:.1f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
