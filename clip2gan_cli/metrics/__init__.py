@@ -113,7 +113,7 @@ def _feature_space(config: EvalConfig, pack, device):
     return fid.InceptionFeatureSpace(path, device=device, weights_sha256=registry.entry(INCEPTION_WEIGHTS).sha256)
 
 
-def _generated_set(config: EvalConfig, pack, space, warn: Callable[[str], None]) -> dict:
+def _generated_set(config: EvalConfig, prompts: list[str], pack, space, warn: Callable[[str], None]) -> dict:
     """Generate -n images per prompt, one prompt at a time: features, CLIP scores, diversity sample."""
     import torch
     from tqdm import tqdm
@@ -121,7 +121,6 @@ def _generated_set(config: EvalConfig, pack, space, warn: Callable[[str], None])
     from ..pipeline import generate
     from . import clip_score, diversity, fid
 
-    prompts = read_prompts_file(config.prompts)
     n = config.images_per_prompt
     features, scores, diversity_sample = [], [], []
     with tqdm(total=len(prompts) * n, desc="generating", unit="img", file=sys.stderr,
@@ -158,8 +157,8 @@ def evaluate(config: EvalConfig, warn: Callable[[str], None] = _warn) -> dict:
     from . import fid
 
     validate_config(config)
-    if config.prompts is not None:
-        read_prompts_file(config.prompts)  # fail on a bad prompts file before loading any model
+    # A bad prompts file fails here, before any model is loaded.
+    prompts = read_prompts_file(config.prompts) if config.prompts is not None else None
     device = resolve_device(config.device)
     if device.type == "cuda":
         disable_tf32()  # true float32: the same numbers on every GPU
@@ -182,7 +181,7 @@ def evaluate(config: EvalConfig, warn: Callable[[str], None] = _warn) -> dict:
                                    progress=config.progress)
         fake_features, n_fake_skipped = fake.features, fake.n_skipped
     else:
-        generated = _generated_set(config, pack, space, warn)
+        generated = _generated_set(config, prompts, pack, space, warn)
         fake_features, n_fake_skipped = generated.pop("features_tensor"), 0
         report.update(generated)
     fid.check_enough_images(len(fake_features), fid.MIN_IMAGES_FID, "the fake set", "FID")

@@ -53,18 +53,6 @@ INCEPTION_FEATURE_LAYER = "2048"
 # --------------------------------------------------------------------------- images
 
 
-@dataclass
-class ImageSet:
-    """Decoded 8-bit RGB images (each a uint8 tensor [3, H, W]) and what was skipped."""
-
-    images: list
-    names: list[str]
-    n_skipped: int = 0
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
     """Image files directly inside `folder` (not recursive), sorted by name.
 
@@ -95,23 +83,6 @@ def read_rgb_uint8(path: str | os.PathLike) -> "torch.Tensor":
 
     array = np.asarray(read_image(path), dtype=np.uint8)  # [H, W, 3], 8-bit RGB
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-def read_image_folder(folder: str | os.PathLike, files: Sequence[Path] | None = None,
-                      progress: bool = False) -> ImageSet:
-    """Read every image of `folder` as uint8 RGB; unreadable files are skipped and counted."""
-    from tqdm import tqdm
-
-    paths = list(files) if files is not None else list_image_files(folder)
-    images, names, n_skipped = [], [], 0
-    for path in tqdm(paths, desc=f"reading {Path(folder).name}", unit="img", file=sys.stderr,
-                     disable=not progress, leave=False):
-        try:
-            images.append(read_rgb_uint8(path))
-            names.append(path.name)
-        except ImageError:  # missing, truncated, not an image, too large or too small: counted
-            n_skipped += 1
-    return ImageSet(images=images, names=names, n_skipped=n_skipped)
 
 
 def images_to_uint8(images: "torch.Tensor") -> "torch.Tensor":
@@ -377,6 +348,32 @@ def _save_cached(path: Path, folder_features: FolderFeatures) -> None:
                      n_images=folder_features.n_images, n_skipped=folder_features.n_skipped)
 
 
+def _extract_folder(folder, files: Sequence[Path], space: FeatureSpace, batch_size: int,
+                    progress: bool) -> tuple["torch.Tensor", int, int]:
+    """Stream `files` through `space`, `batch_size` files at a time: (features, n_read, n_skipped).
+
+    Only one chunk of decoded images is in memory at a time, so folders of any size fit.
+    """
+    import torch
+    from tqdm import tqdm
+
+    chunks, n_images, n_skipped = [], 0, 0
+    with tqdm(total=len(files), desc=f"{space.name} features ({Path(folder).name})", unit="img",
+              file=sys.stderr, disable=not progress, leave=False) as bar:
+        for start in range(0, len(files), batch_size):
+            images = []
+            for path in files[start:start + batch_size]:
+                try:
+                    images.append(read_rgb_uint8(path))
+                except ImageError:  # missing, truncated, not an image, too large or too small: counted
+                    n_skipped += 1
+            if images:
+                chunks.append(extract_features(images, space, batch_size=batch_size))
+                n_images += len(images)
+            bar.update(min(batch_size, len(files) - start))
+    return (torch.cat(chunks) if chunks else torch.zeros(0, 0)), n_images, n_skipped
+
+
 def folder_features(folder: str | os.PathLike, space: FeatureSpace, batch_size: int = 32,
                     cache: bool = True, cache_root: str | os.PathLike | None = None,
                     progress: bool = False) -> FolderFeatures:
@@ -394,14 +391,12 @@ def folder_features(folder: str | os.PathLike, space: FeatureSpace, batch_size: 
             cached = _load_cached(cache_file)
             if cached is not None:
                 return cached
-    image_set = read_image_folder(folder, files, progress=progress)
-    if len(image_set) == 0:
-        raise ImageError(f"no readable image in {folder} ({image_set.n_skipped} unreadable files skipped)")
-    check_enough_images(len(image_set), MIN_IMAGES_FID, str(folder), "FID")  # a covariance needs two
-    features = extract_features(image_set.images, space, batch_size=batch_size, progress=progress,
-                                desc=f"{space.name} features ({Path(folder).name})")
+    features, n_images, n_skipped = _extract_folder(folder, files, space, batch_size, progress)
+    if n_images == 0:
+        raise ImageError(f"no readable image in {folder} ({n_skipped} unreadable files skipped)")
+    check_enough_images(n_images, MIN_IMAGES_FID, str(folder), "FID")  # a covariance needs two
     result = FolderFeatures(features=features, statistics=feature_statistics(features),
-                            n_images=len(image_set), n_skipped=image_set.n_skipped)
+                            n_images=n_images, n_skipped=n_skipped)
     if cache_file is not None:
         _save_cached(cache_file, result)
     return result
