@@ -343,6 +343,7 @@ def _meta_state(entries: list[dict], overrides: dict | None = None) -> dict[str,
     return {e["name"]: torch.empty(overrides.get(e["name"], e["shape"]), device="meta") for e in entries}
 
 
+@pytest.mark.slow  # builds full-size networks on the meta device (a few seconds of torch warm-up)
 @pytest.mark.parametrize("manifest_name, resolution, channel_base, mbstd_group", [
     ("nvidia_ffhq1024_keys.json", 1024, 32768, 4),
     ("nvidia_celebahq256_keys.json", 256, 16384, 8),

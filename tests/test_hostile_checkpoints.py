@@ -259,6 +259,31 @@ def test_tensor_reaching_past_its_storage_is_refused(tmp_path, tiny_state, marke
     _assert_refused(path, marker, clip2gan_home, unsafe=False)
 
 
+def _tiny_tree_with(tiny_state: dict, extra: dict) -> bytes:
+    tree = build_tree(tiny_state, "generator", default_attributes(tiny_state, "generator"))
+    return dumps_with_stand_ins({"G_ema": tree, **extra}, protocol=4)
+
+
+def test_one_storage_rebuilt_many_times_is_refused(tmp_path, tiny_state, marker, clip2gan_home):
+    # Memo references make a 256 KiB storage back 400 tensors: 100 MiB of copies from a tiny file.
+    numel = 1 << 16
+    blob = _legacy_blob(_storage_main_pickle(numel), ["0"], struct.pack("<q", numel) + b"\0" * (4 * numel))
+    storage = _HostileStorage(blob)  # pickled once, then referenced through the memo
+    path = tmp_path / "storage-bomb.pkl"
+    path.write_bytes(_tiny_tree_with(tiny_state, {"x": [_TensorOver(storage, (numel,), (1,)) for _ in range(400)]}))
+    assert path.stat().st_size < 1 << 20
+    _assert_refused(path, marker, clip2gan_home, unsafe=False)
+
+
+def test_one_storage_blob_parsed_many_times_is_refused(tmp_path, tiny_state, marker, clip2gan_home):
+    numel = 1 << 16
+    blob = _legacy_blob(_storage_main_pickle(numel), ["0"], struct.pack("<q", numel) + b"\0" * (4 * numel))
+    path = tmp_path / "blob-bomb.pkl"  # the bytes are memoised; each _HostileStorage re-parses them
+    path.write_bytes(_tiny_tree_with(tiny_state, {"x": [_HostileStorage(blob) for _ in range(400)]}))
+    assert path.stat().st_size < 1 << 20
+    _assert_refused(path, marker, clip2gan_home, unsafe=False)
+
+
 def test_oversized_bytes_length_field_in_the_outer_pickle_is_refused(tmp_path, marker, clip2gan_home):
     data = b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b"tiny" + b"."  # BINBYTES8 claiming 4 EiB
     path = tmp_path / "oversized-bytes.pkl"

@@ -158,29 +158,51 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any,
-                       requires_grad: Any = False, backward_hooks: Any = None, metadata: Any = None) -> torch.Tensor:
-    """Stand-in for `torch._utils._rebuild_tensor_v2`: a bounds-checked view over a parsed storage."""
-    if not isinstance(storage, _Storage):
-        raise CheckpointError("malformed tensor in the pickle (its storage is not a storage)")
-    if not (_is_int(storage_offset) and isinstance(size, tuple) and isinstance(stride, tuple)
-            and len(size) == len(stride) and all(_is_int(v) for v in size + stride)):
-        raise CheckpointError("malformed tensor in the pickle (bad offset, size or stride)")
-    if storage_offset < 0 or any(v < 0 for v in size + stride):
-        raise CheckpointError("malformed tensor in the pickle (negative offset, size or stride)")
-    if metadata:
-        raise CheckpointError("unsupported tensor metadata in the pickle")
-    numel = storage.flat.numel()
-    if all(v > 0 for v in size):
-        last_index = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-        if last_index >= numel:
-            raise CheckpointError(f"tensor of size {list(size)} reaches element {last_index} of a storage "
-                                  f"holding {numel}: oversized or corrupt length fields")
-    storage.uses += 1
-    view = torch.as_strided(storage.flat, size, stride, storage_offset)
-    whole = storage_offset == 0 and view.is_contiguous() and view.numel() == numel
-    # Every returned tensor owns its memory (safetensors refuses tensors that share storage).
-    return view if whole and storage.uses == 1 else view.clone(memory_format=torch.contiguous_format)
+class _MemoryBudget:
+    """Bytes a load may allocate for storages and tensor copies. A legitimate file needs at most
+    its own size (every storage is stored once, every tensor views its own storage); memo
+    references that rebuild one storage or tensor many times would otherwise multiply it."""
+
+    def __init__(self, limit: int, what: str):
+        self.limit, self.used, self.what = limit, 0, what
+
+    def spend(self, nbytes: int) -> None:
+        self.used += nbytes
+        if self.used > self.limit:
+            raise CheckpointError(f"{self.what}: its tensors would need more than {self.limit} bytes for a file of "
+                                  "this size (storages rebuilt or shared many times)")
+
+    def load_from_bytes(self, blob: Any) -> _Storage:
+        """Stand-in for `torch.storage._load_from_bytes` (the nested stream is parsed, not torch.load-ed)."""
+        storage = parse_legacy_storage(blob)
+        self.spend(storage.flat.numel() * storage.flat.element_size())
+        return storage
+
+    def rebuild_tensor_v2(self, storage: Any, storage_offset: Any, size: Any, stride: Any,
+                          requires_grad: Any = False, backward_hooks: Any = None, metadata: Any = None) -> torch.Tensor:
+        """Stand-in for `torch._utils._rebuild_tensor_v2`: a bounds-checked view over a parsed storage."""
+        if not isinstance(storage, _Storage):
+            raise CheckpointError(f"{self.what}: malformed tensor (its storage is not a storage)")
+        if not (_is_int(storage_offset) and isinstance(size, tuple) and isinstance(stride, tuple)
+                and len(size) == len(stride) and all(_is_int(v) for v in size + stride)):
+            raise CheckpointError(f"{self.what}: malformed tensor (bad offset, size or stride)")
+        if storage_offset < 0 or any(v < 0 for v in size + stride):
+            raise CheckpointError(f"{self.what}: malformed tensor (negative offset, size or stride)")
+        if metadata:
+            raise CheckpointError(f"{self.what}: unsupported tensor metadata")
+        numel = storage.flat.numel()
+        if all(v > 0 for v in size):
+            last_index = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+            if last_index >= numel:
+                raise CheckpointError(f"{self.what}: a tensor of size {list(size)} reaches element {last_index} of "
+                                      f"a storage holding {numel} (oversized or corrupt length fields)")
+        storage.uses += 1
+        view = torch.as_strided(storage.flat, size, stride, storage_offset)
+        if storage_offset == 0 and view.is_contiguous() and view.numel() == numel and storage.uses == 1:
+            return view
+        # Every returned tensor owns its memory (safetensors refuses tensors that share storage).
+        self.spend(view.numel() * view.element_size())
+        return view.clone(memory_format=torch.contiguous_format)
 
 
 class _StrictReader:
@@ -235,26 +257,20 @@ _REFUSED_OPCODES = {
 class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opcode is inspectable
     """Unpickler whose globals come only from `allowed` and whose calls only reach them."""
 
+    dispatch: dict = {}  # filled once below the class: the stock table with the checked opcodes
+
     def __init__(self, reader: _StrictReader, allowed: dict[tuple[str, str], Any], what: str,
                  persistent_load: Callable[[Any], Any] | None = None):
         super().__init__(reader)
         self._allowed = allowed
-        self._allowed_callables = {id(value) for value in allowed.values()}
+        self._allowed_callables = frozenset(id(value) for value in allowed.values())
         self._what = what
         self._persistent_loader = persistent_load
-        self.dispatch = dict(pickle._Unpickler.dispatch)
-        for opcode, name in _REFUSED_OPCODES.items():
-            self.dispatch[opcode] = self._refuser(name)
-        if persistent_load is not None:  # only nested storage streams carry persistent ids
-            self.dispatch[pickle.BINPERSID[0]] = pickle._Unpickler.dispatch[pickle.BINPERSID[0]]
-        self.dispatch[pickle.REDUCE[0]] = _RestrictedUnpickler._checked_reduce
-        self.dispatch[pickle.NEWOBJ[0]] = _RestrictedUnpickler._checked_newobj
-        self.dispatch[pickle.BUILD[0]] = _RestrictedUnpickler._checked_build
 
-    def _refuser(self, name: str) -> Callable[[Any], None]:
-        def refuse(_self: Any) -> None:
-            raise UnsafeCheckpointError(f"{self._what}: refused pickle opcode {name} (never used by StyleGAN2 files)")
-        return refuse
+    def _checked_binpersid(self) -> None:
+        if self._persistent_loader is None:  # only nested storage streams carry persistent ids
+            raise UnsafeCheckpointError(f"{self._what}: refused pickle opcode BINPERSID (unexpected persistent id)")
+        pickle._Unpickler.load_binpersid(self)
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -290,6 +306,23 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: eve
         if not isinstance(self.stack[-2], _DTypeSpec):  # the one BUILD in these files sets a dtype's state
             raise UnsafeCheckpointError(f"{self._what}: refused BUILD on {type(self.stack[-2]).__name__}")
         pickle._Unpickler.load_build(self)
+
+
+def _refusing(opcode: int) -> Callable[[Any], None]:
+    def refuse(unpickler: _RestrictedUnpickler) -> None:
+        raise UnsafeCheckpointError(f"{unpickler._what}: refused pickle opcode {_REFUSED_OPCODES[opcode]} "
+                                    "(never used by StyleGAN2 files)")
+    return refuse
+
+
+_RestrictedUnpickler.dispatch = dict(pickle._Unpickler.dispatch)
+_RestrictedUnpickler.dispatch.update({opcode: _refusing(opcode) for opcode in _REFUSED_OPCODES})
+_RestrictedUnpickler.dispatch.update({
+    pickle.BINPERSID[0]: _RestrictedUnpickler._checked_binpersid,
+    pickle.REDUCE[0]: _RestrictedUnpickler._checked_reduce,
+    pickle.NEWOBJ[0]: _RestrictedUnpickler._checked_newobj,
+    pickle.BUILD[0]: _RestrictedUnpickler._checked_build,
+})
 
 
 def _load_one(reader: _StrictReader, allowed: dict[tuple[str, str], Any], what: str,
@@ -361,16 +394,16 @@ def parse_legacy_storage(blob: Any) -> _Storage:
     return _Storage(flat=flat)
 
 
-# The complete allow-list for the outer stream (format notes, section 6): name -> inert stand-in.
+# The allow-list for the outer stream (format notes, section 6): name -> inert stand-in. The two
+# tensor-building entries, `torch._utils._rebuild_tensor_v2` and `torch.storage._load_from_bytes`,
+# are added per load, bound to that load's memory budget (see `load_restricted_pickle`).
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
     ("dnnlib.util", "EasyDict"): EasyDictStandIn,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
     ("__builtin__", "set"): set,  # protocol 2 writes Python 2 module names
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): parse_legacy_storage,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy", "dtype"): _DTypeSpec,
@@ -385,7 +418,10 @@ def load_restricted_pickle(data: bytes, what: str = "NVIDIA pickle") -> Any:
     used) and CheckpointError for malformed data. Nothing from the file is executed.
     """
     reader = _StrictReader(data, what)
-    result = _load_one(reader, _ALLOWED_GLOBALS, what)
+    budget = _MemoryBudget(limit=2 * len(data) + (1 << 20), what=what)
+    allowed = {**_ALLOWED_GLOBALS, ("torch._utils", "_rebuild_tensor_v2"): budget.rebuild_tensor_v2,
+               ("torch.storage", "_load_from_bytes"): budget.load_from_bytes}
+    result = _load_one(reader, allowed, what)
     if reader.remaining():
         raise CheckpointError(f"{what}: {reader.remaining()} unexpected bytes after the end of the pickle")
     return result
