@@ -290,6 +290,8 @@ def test_missing_file_is_a_user_input_error(tmp_path):
         convert.load_generator(tmp_path / "nope.pkl", device="cpu")
     with pytest.raises(UserInputError):
         convert.convert_checkpoint(tmp_path / "nope.pt", out_dir=tmp_path)
+    with pytest.raises(UserInputError, match="not a checkpoint file"):
+        convert.load_generator(tmp_path, device="cpu")
 
 
 def test_unknown_file_content_is_a_checkpoint_error(tmp_path):

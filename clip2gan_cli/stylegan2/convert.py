@@ -854,6 +854,8 @@ def _resolve_source(source: str | os.PathLike) -> Path:
     path = Path(source).expanduser()
     if path.is_file():
         return path
+    if path.exists():
+        raise UserInputError(f"{path} is not a checkpoint file (it is a directory or a special file)")
     text = str(source)
     looks_like_path = (isinstance(source, os.PathLike) or os.sep in text or "/" in text
                        or path.suffix.lower() in (".pkl", ".pt", ".pth", ".safetensors", ".ckpt"))
