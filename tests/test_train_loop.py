@@ -26,15 +26,17 @@ def tiny_config(**overrides) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def frozen():
-    """Tiny G, CLIP and an initial D shared by the tests of this module (never modified in place:
-    the trainer deep-copies nothing, but G and CLIP are frozen and D is rebuilt per test)."""
-    return make_tiny_generator(seed=0), make_tiny_clip(seed=0)
+    """Tiny G, CLIP and a random-trunk LPIPS shared by the tests of this module (all frozen; the
+    critic, which training changes, is rebuilt per run by `models_for`)."""
+    from clip2gan_cli.train.losses import build_perceptual_loss
+
+    return make_tiny_generator(seed=0), make_tiny_clip(seed=0), build_perceptual_loss("alex", "random", seed=0)
 
 
 def models_for(frozen, with_discriminator: bool = True) -> TrainModels:
-    generator, clip = frozen
+    generator, clip, perceptual = frozen
     return TrainModels(generator, clip, make_tiny_discriminator(seed=1) if with_discriminator else None,
-                       sources={"generator": "tiny", "clip_model": "tiny-clip"})
+                       perceptual=perceptual, sources={"generator": "tiny", "clip_model": "tiny-clip"})
 
 
 def mapper_tensors(path):
@@ -237,3 +239,26 @@ def test_cli_data_folder_errors(tmp_path, cli_runner):
     result = cli_runner(["train", "--generator", paths.generator, "--clip", paths.clip_config, "--data", broken,
                          "--out", tmp_path / "run2", "--device", "cpu", "--set", "lpips_net=none"])
     assert result.exit_code == 1 and "none of the 3 image files could be read (3 skipped)" in result.output
+
+
+def test_bf16_autocast_trains_with_fp32_weights(tmp_path, frozen):
+    config = tiny_config(steps=1, precision="bf16", checkpoint_every=1)
+    result = run_training(config, tmp_path / "run", models=models_for(frozen), progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.final_losses.values())
+    assert all(p.dtype == torch.float32 for p in result.mapper.parameters())
+
+
+def test_trains_on_an_image_folder_mixed_with_generator_samples(tmp_path, frozen):
+    from PIL import Image
+
+    data = tmp_path / "images"
+    for index in range(3):
+        (data / "sub").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (30, 20), (80 * index, 40, 200)).save(data / "sub" / f"{index}.jpg")
+    (data / "corrupt.png").write_bytes(b"nope")
+    config = tiny_config(steps=1, data=str(data), synthetic_ratio=0.5, checkpoint_every=1, lambda_adv=0.0)
+    messages = []
+    result = run_training(config, tmp_path / "run", models=models_for(frozen, False), progress=False,
+                          log=messages.append)
+    assert any("3 images" in m and "(1 unreadable files skipped)" in m for m in messages), messages
+    assert result.final_losses["rec"] > 0

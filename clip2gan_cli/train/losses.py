@@ -97,9 +97,15 @@ def build_perceptual_loss(net: str, backbone: str, seed: int = 0) -> PerceptualL
         with torch.random.fork_rng(devices=[]):  # a seeded random trunk that leaves the global RNG alone
             torch.manual_seed(seed)
             return PerceptualLoss(net)
+    from ..errors import DownloadError
     from ..weights import fetch
 
-    path = fetch(LPIPS_BACKBONE_WEIGHTS[net])
+    try:
+        path = fetch(LPIPS_BACKBONE_WEIGHTS[net])
+    except (WeightsNotFoundError, DownloadError) as error:
+        raise type(error)(f"LPIPS trunk weights unavailable: {error}",
+                          hint=f"{error.hint + '; or ' if error.hint else ''}set lpips_backbone = 'random' "
+                               "(the offline substitute) or lpips_net = 'none'") from error
     state = torch.load(path, map_location="cpu", weights_only=True)
     return PerceptualLoss(net, backbone_state=state)
 
