@@ -58,6 +58,9 @@ def _stand_in_modules() -> Iterator[None]:
 class PersistentNode:
     """A pickled stand-in for one NVIDIA persistent module: REDUCE(_reconstruct_persistent_obj, (meta,))."""
 
+    # torch <= 1.9 (NVIDIA's own files) kept _parameters/_buffers/_modules in OrderedDicts.
+    ordered_containers = False
+
     def __init__(self, class_name: str, module_src: str = PLACEHOLDER_SOURCE):
         self.class_name = class_name
         self.module_src = module_src
@@ -70,8 +73,10 @@ class PersistentNode:
         hooks = {name: collections.OrderedDict() for name in (
             "_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_forward_pre_hooks",
             "_state_dict_hooks", "_load_state_dict_pre_hooks")}
-        state = {"training": False, "_parameters": self.parameters, "_buffers": self.buffers,
-                 "_non_persistent_buffers_set": set(), **hooks, "_modules": self.modules, **self.attributes}
+        container = collections.OrderedDict if self.ordered_containers else dict
+        state = {"training": False, "_parameters": container(self.parameters), "_buffers": container(self.buffers),
+                 "_non_persistent_buffers_set": set(), **hooks, "_modules": container(self.modules),
+                 **self.attributes}
         meta = {"type": "class", "version": 6, "module_src": self.module_src, "class_name": self.class_name,
                 "state": state}
         return _reconstruct_persistent_obj, (meta,)
@@ -165,8 +170,10 @@ def default_attributes(state_dict: dict[str, torch.Tensor], kind: str, conv_clam
 def dumps_snapshot(generator: dict[str, torch.Tensor], discriminator: dict[str, torch.Tensor] | None = None,
                    protocol: int = 4, conv_clamp: tuple[float | None, float | None] = (None, None),
                    mbstd_group_size: int | None = 4, module_src: str = PLACEHOLDER_SOURCE,
-                   extra: dict[str, Any] | None = None) -> bytes:
-    """Pickle bytes of a training snapshot {training_set_kwargs, G, D, G_ema, augment_pipe} (+ extra entries)."""
+                   extra: dict[str, Any] | None = None, ordered_containers: bool = False) -> bytes:
+    """Pickle bytes of a training snapshot {training_set_kwargs, G, D, G_ema, augment_pipe} (+ extra entries).
+
+    `ordered_containers` writes module containers as OrderedDicts, as torch <= 1.9 did."""
     g_attributes = default_attributes(generator, "generator", conv_clamp[0])
     root: dict[str, Any] = {"training_set_kwargs": {"class_name": "training.dataset.ImageFolderDataset",
                                                     "resolution": 32, "xflip": False}}
@@ -180,8 +187,12 @@ def dumps_snapshot(generator: dict[str, torch.Tensor], discriminator: dict[str, 
     root["G_ema"] = build_tree(generator, "generator", g_attributes, module_src)
     root["augment_pipe"] = None
     root.update(extra or {})
-    with _stand_in_modules():
-        return pickle.dumps(root, protocol=protocol)
+    PersistentNode.ordered_containers = ordered_containers
+    try:
+        with _stand_in_modules():
+            return pickle.dumps(root, protocol=protocol)
+    finally:
+        PersistentNode.ordered_containers = False
 
 
 def dumps_with_stand_ins(obj: Any, protocol: int = 4) -> bytes:

@@ -54,10 +54,13 @@ def rosinality_small():
 # NVIDIA pickles
 
 
-@pytest.mark.parametrize("protocol", [2, 3, 4])
-def test_nvidia_snapshot_pickle_loads_and_reproduces_parity_outputs(tmp_path, nvidia_small, protocol):
+@pytest.mark.parametrize("protocol, ordered_containers", [(2, False), (3, True), (4, False)],
+                         ids=["protocol2", "protocol3-torch1.7-containers", "protocol4"])
+def test_nvidia_snapshot_pickle_loads_and_reproduces_parity_outputs(tmp_path, nvidia_small, protocol,
+                                                                     ordered_containers):
     pickle_path = tmp_path / f"network-snapshot-p{protocol}.pkl"
-    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D."), protocol=protocol))
+    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D."), protocol=protocol,
+                                           ordered_containers=ordered_containers))
     G = convert.load_generator(pickle_path, device="cpu", backend="reference")
     D = convert.load_discriminator(pickle_path, device="cpu", backend="reference")
     assert isinstance(G, Generator) and isinstance(D, Discriminator)

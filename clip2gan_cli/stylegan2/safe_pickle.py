@@ -19,7 +19,6 @@ Hardening beyond the allow-list:
 from __future__ import annotations
 
 import collections
-import io
 import pickle
 import struct
 import sys
@@ -213,10 +212,6 @@ class _StrictReader:
         self._pos = 0
         self._what = what
 
-    @property
-    def position(self) -> int:
-        return self._pos
-
     def remaining(self) -> int:
         return len(self._view) - self._pos
 
@@ -240,9 +235,6 @@ class _StrictReader:
         if end < 0:
             raise CheckpointError(f"{self._what}: unterminated text field at offset {self._pos}")
         return self.read(end + 1)
-
-    def peek(self, n: int = 1) -> bytes:
-        return bytes(self._view[self._pos:self._pos + n])
 
 
 # Opcodes a StyleGAN2 pickle never needs; refusing them keeps every object construction in view.
