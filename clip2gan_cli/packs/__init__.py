@@ -178,7 +178,7 @@ def _assemble(name: str, entry, paths: dict[str, Path], clip, device, backend: s
 
 
 def _clip_from_spec(spec: str, device):
-    """A ClipModel from --clip (the same forms `train --clip` takes):
+    """A ClipModel and its files {role: path} from --clip (the same forms `train --clip` takes):
 
     a clip_config.json (weights in clip.safetensors beside it) or the directory holding both;
     MODEL:FILE (a local open_clip checkpoint); MODEL:TAG (weights found through the registry's packs).
@@ -193,19 +193,22 @@ def _clip_from_spec(spec: str, device):
     if path.suffix == ".json":
         if not path.is_file():
             raise UserInputError(f"--clip {spec}: {path} does not exist")
-        return load_clip_from_config_file(path, device=device)
+        weights = path.with_name("clip.safetensors")
+        return load_clip_from_config_file(path, weights, device=device), {"clip_config": path, "clip_weights": weights}
     model, _, tag = spec.partition(":")
     if not model or not tag:
         raise UserInputError(f"malformed --clip '{spec}'",
                              hint="expected MODEL:TAG (e.g. ViT-B-16:openai), MODEL:FILE or a clip_config.json")
     if Path(tag).expanduser().is_file():
-        return load_clip(model, pretrained=None, weights_path=Path(tag).expanduser(), device=device)
+        weights = Path(tag).expanduser()
+        return load_clip(model, pretrained=None, weights_path=weights, device=device), {"clip_weights": weights}
     registry = load_registry()
     base = model.removesuffix("-quickgelu").lower()
     for pack in registry.packs.values():
         if pack.clip_weights and pack.clip_pretrained == tag and \
                 (pack.clip_model or "").removesuffix("-quickgelu").lower() == base:
-            return load_clip(model, tag, weights_path=fetch(pack.clip_weights, registry=registry), device=device)
+            weights = fetch(pack.clip_weights, registry=registry)
+            return load_clip(model, tag, weights_path=weights, device=device), {"clip_weights": weights}
     raise WeightsNotFoundError(f"no registry weights for CLIP {model}:{tag}",
                                hint="pass MODEL:/path/to/weights, or a clip_config.json")
 
@@ -234,7 +237,8 @@ def load_models(mapper: str | Path | None = None, generator: str | None = None, 
         paths["mapper"] = mapper_path
     generator_path = Path(generator).expanduser()
     paths["generator"] = generator_path if generator_path.is_file() else resolve_reference(generator)
-    clip_model = _clip_from_spec(clip, torch_device)
+    clip_model, clip_paths = _clip_from_spec(clip, torch_device)
+    paths.update(clip_paths)
     return _assemble("custom", None, paths, clip_model, torch_device, backend, need_mapper)
 
 
