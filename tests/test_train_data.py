@@ -107,3 +107,15 @@ def test_folder_batches_through_dataloader_workers_match_the_direct_ones(tmp_pat
     stream = workers.iterate(4, torch.device("cpu"))
     for micro_step in (4, 5, 6):
         assert torch.equal(next(stream), direct.batch(micro_step, torch.device("cpu")))
+
+
+def test_sample_sheet_images_are_held_out_of_training_when_the_folder_is_large_enough(tmp_path):
+    for index in range(8):
+        write_image(tmp_path / f"{index}.png", color=(index * 30, 0, 0))
+    batches, report = build_batches(str(tmp_path), resolution=8, batch_size=2, seed=0, synthetic=None, held_out=2)
+    assert len(report.paths) == 8
+    assert len(batches.folder) == 6 and len(batches.held_out_folder) == 2
+    assert not set(batches.folder.paths) & set(batches.held_out_folder.paths)
+    assert batches.held_out(2, torch.device("cpu")).shape == (2, 3, 8, 8)
+    small, _ = build_batches(str(tmp_path), resolution=8, batch_size=2, seed=0, synthetic=None, held_out=4)
+    assert len(small.folder) == 8 and small.held_out_folder is None  # too few images to spare 4

@@ -163,6 +163,7 @@ class TrainingBatches:
         self.rank = rank
         self.world_size = world_size
         self.num_workers = num_workers
+        self.held_out_folder: ImageFolderDataset | None = None  # set by build_batches
         if folder is None:
             self.num_synthetic = batch_size
         elif synthetic is None:
@@ -213,15 +214,19 @@ class TrainingBatches:
             micro_step += 1
 
     def held_out(self, count: int, device: "torch.device") -> "torch.Tensor":
-        """Fixed images for the sample sheets (folder: evenly spaced files; else G samples of a fixed seed)."""
+        """Fixed images for the sample sheets, never trained on: the folder's held-out files when it
+        has them (see `build_batches`), else G samples from a seed no training step uses."""
         import torch
 
-        if self.folder is not None:
-            count = min(count, len(self.folder))
-            stride = max(1, len(self.folder) // count)
-            return torch.stack([self.folder[i * stride] for i in range(count)]).to(device)
-        generator = step_generator(self.seed, STREAM_SYNTHETIC, -1)  # step -1: never a training step
-        return self.synthetic.sample(count, generator)
+        if self.held_out_folder is not None and len(self.held_out_folder):
+            count = min(count, len(self.held_out_folder))
+            return torch.stack([self.held_out_folder[i] for i in range(count)]).to(device)
+        if self.synthetic is not None:
+            generator = step_generator(self.seed, STREAM_SYNTHETIC, -1)  # step -1: never a training step
+            return self.synthetic.sample(count, generator)
+        count = min(count, len(self.folder))  # a folder too small to spare images: show training images
+        stride = max(1, len(self.folder) // count)
+        return torch.stack([self.folder[i * stride] for i in range(count)]).to(device)
 
 
 class _StepBatchSampler:
@@ -239,16 +244,28 @@ class _StepBatchSampler:
             micro_step += 1
 
 
-def build_batches(data: str, *, resolution: int, batch_size: int, seed: int, synthetic: SyntheticSource,
+def build_batches(data: str, *, resolution: int, batch_size: int, seed: int, synthetic: SyntheticSource | None,
                   synthetic_ratio: float = 0.0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                  align: bool = False) -> tuple[TrainingBatches, ScanReport | None]:
-    """Turn `--data DIR|synthetic` into a TrainingBatches (and the folder scan report, if any)."""
+                  align: bool = False, held_out: int = 0) -> tuple[TrainingBatches, ScanReport | None]:
+    """Turn `--data DIR|synthetic` into a TrainingBatches (and the folder scan report, if any).
+
+    With a folder of at least 4x `held_out` images, `held_out` evenly spaced files are set aside for
+    the sample sheets and never trained on.
+    """
     if data == "synthetic":
         return TrainingBatches(batch_size, seed, synthetic=synthetic, rank=rank, world_size=world_size), None
     report = scan_image_folder(data)
-    folder = ImageFolderDataset(report, resolution, align)
+    train_paths, spare_paths = report.paths, []
+    if held_out and len(report.paths) >= 4 * held_out:
+        stride = len(report.paths) // held_out
+        spare = set(range(0, stride * held_out, stride))
+        spare_paths = [p for i, p in enumerate(report.paths) if i in spare]
+        train_paths = [p for i, p in enumerate(report.paths) if i not in spare]
+    folder = ImageFolderDataset(ScanReport(train_paths, report.skipped), resolution, align)
     batches = TrainingBatches(batch_size, seed, folder=folder,
                               synthetic=synthetic if synthetic_ratio > 0 else None,
                               synthetic_ratio=synthetic_ratio, rank=rank, world_size=world_size,
                               num_workers=num_workers)
+    if spare_paths:
+        batches.held_out_folder = ImageFolderDataset(ScanReport(spare_paths), resolution, align)
     return batches, report

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..device import place_model, resolve_device, resolve_dtype
+from ..device import place_model, resolve_device, resolve_dtype, seed_everything
 from ..errors import CheckpointError, OutputError, TrainingError, UserInputError
 from ..fileutil import atomic_path, atomic_write_text, ensure_writable_dir
 from ..mapper import Mapper, check_compatible, perturb_clip_features, save_mapper
@@ -130,7 +130,7 @@ def _run(config: TrainConfig, run_dir: Path, resume: bool, models: TrainModels |
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext())
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     if dist_ctx.is_main:
-        prepare_run_dir(run_dir, resume)
+        check_run_dir(run_dir, resume)  # before minutes of model loading
     _barrier(dist_ctx)
 
     # --- frozen networks ------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def _run(config: TrainConfig, run_dir: Path, resume: bool, models: TrainModels |
         perceptual = place_model(perceptual, device)
 
     # --- trainable networks: mapper (+ EMA) and critic, seeded so every rank starts equal --------
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     mapper = Mapper(clip_dim=int(clip.embed_dim), num_ws=int(generator.num_ws), w_dim=int(generator.w_dim),
                     noise_mode=config.div_mode, noise_strength=config.div_std,
                     **({"hidden_dim": config.mapper_hidden_dim} if config.mapper_hidden_dim else {}))
@@ -190,6 +190,7 @@ def _run(config: TrainConfig, run_dir: Path, resume: bool, models: TrainModels |
             raise UserInputError(f"{run_dir} is already at step {start_step}; --steps {config.steps} has nothing to do",
                                  hint="raise --steps to continue training")
     if dist_ctx.is_main:
+        prepare_run_dir(run_dir)
         atomic_write_text(run_dir / "config.toml", config.to_toml())
 
     # --- distributed wrappers and compile -------------------------------------------------------
@@ -208,7 +209,8 @@ def _run(config: TrainConfig, run_dir: Path, resume: bool, models: TrainModels |
     batches, scan = build_batches(config.data, resolution=int(generator.img_resolution), batch_size=config.batch_size,
                                   seed=config.seed, synthetic=synthetic, synthetic_ratio=config.synthetic_ratio,
                                   rank=dist_ctx.rank, world_size=dist_ctx.world_size,
-                                  num_workers=config.num_workers, align=config.align_faces)
+                                  num_workers=config.num_workers, align=config.align_faces,
+                                  held_out=config.num_sample_images)
     if scan is not None and dist_ctx.is_main:
         log(f"Data: {len(scan.paths)} images in {config.data}" +
             (f" ({len(scan.skipped)} unreadable files skipped)" if scan.skipped else ""))
@@ -398,7 +400,7 @@ def build_models(config: TrainConfig, device: torch.device) -> TrainModels:
             discriminator = load_discriminator(str(loaded.paths["generator"]), device=device, backend=config.backend)
             sources["discriminator"] = config.generator
         except CheckpointError:
-            _stderr(f"{config.generator} holds no discriminator: training a fresh one")
+            _stderr(f"{config.generator} holds no discriminator: training a fresh critic")
     identity = None
     if want_identity and config.identity == "on":  # "auto" means off: an explicit G is not known to be a face G
         from ..weights import fetch
@@ -490,8 +492,12 @@ def export_local_pack(name: str, mapper_path: Path, sources: dict[str, str], con
 # Run directory, checkpoints, RNG
 # --------------------------------------------------------------------------------------------
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """New run: the directory must not hold anything; resume: it must hold checkpoints. Writable either way."""
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """New run: the directory must be absent or empty; resume: it must hold checkpoints. Writable either way.
+
+    Only `run_dir` itself is created here, so a run that fails while loading models leaves an empty
+    directory that the same command accepts again.
+    """
     if resume:
         if not (run_dir / "checkpoints").is_dir():
             raise UserInputError(f"--resume {run_dir}: no checkpoints/ folder there (not a training run)")
@@ -499,10 +505,14 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise UserInputError(f"run directory {run_dir} already exists; refusing to overwrite it",
                              hint=f"use --resume {run_dir} to continue it, or another --out")
     ensure_writable_dir(run_dir)
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create checkpoints/ and samples/, and remove temp files of a save that was killed half-way."""
     ensure_writable_dir(run_dir / "checkpoints")
     ensure_writable_dir(run_dir / "samples")
     for leftover in (run_dir / "checkpoints").glob(".step-*.tmp"):
-        leftover.unlink(missing_ok=True)  # a temp file from a save that was killed half-way
+        leftover.unlink(missing_ok=True)
 
 
 def checkpoint_paths(run_dir: Path) -> list[tuple[int, Path]]:
