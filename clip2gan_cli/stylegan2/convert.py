@@ -526,12 +526,14 @@ def _torch_load(path: Path, kind: str) -> Any:
             return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         message = str(error)
-        match = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"global ([\w.]+)", message)
-        if match or "weights_only" in message.lower() or "Weights only" in message:
+        match = re.search(r"GLOBAL ([\w.]+)", message)
+        if match or "Unsupported" in message:  # torch's weights-only unpickler refused something
             name = match.group(1) if match else "an object outside torch's weights-only allow-list"
             raise UnsafeCheckpointError(f"{path.name}: refused {name} while loading with weights_only=True; "
                                         "nothing was executed") from None
-        raise CheckpointError(f"{path.name}: corrupt torch checkpoint ({message.splitlines()[0]})") from None
+        detail = next((line.strip() for line in reversed(message.splitlines()) if "error" in line.lower()),
+                      message.strip().splitlines()[0] if message.strip() else "unreadable pickle")
+        raise CheckpointError(f"{path.name}: corrupt torch checkpoint ({detail[:200]})") from None
     except Clip2ganError:
         raise
     except Exception as error:  # torch raises RuntimeError / EOFError / ValueError for damaged files
@@ -620,7 +622,7 @@ def _key_list(mapping: Mapping, limit: int = 6) -> str:
 _PREFIXES = {"generator": ("G_ema.", "G.", "g_ema.", "g."), "discriminator": ("D.", "d.")}
 
 
-def _read_safetensors(path: Path, want: str | None = None) -> ImportedCheckpoint:
+def _read_safetensors(path: Path) -> ImportedCheckpoint:
     """A project .safetensors (one network, config in the metadata or a JSON beside it), or a file whose
     keys carry network prefixes (G_ema./G./D. or g_ema./g./d. with latent_avg) holding both."""
     from safetensors import SafetensorError, safe_open
