@@ -261,11 +261,11 @@ def test_inception_fid_and_kid_equal_a_direct_torch_fidelity_call(tmp_path, rand
 
 
 def test_inception_weights_that_are_not_a_state_dict_are_refused(tmp_path):
-    from clip2gan_cli.errors import WeightsNotFoundError
+    from clip2gan_cli.errors import CheckpointError, WeightsNotFoundError
 
     path = tmp_path / "evil.pth"
     torch.save({"model": object()}, path)  # needs unpickling of arbitrary objects
-    with pytest.raises(WeightsNotFoundError, match="not a plain state dict"):
+    with pytest.raises(CheckpointError, match="not a plain state dict; nothing was executed"):
         fid.InceptionFeatureSpace(path)
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         fid.InceptionFeatureSpace(tmp_path / "missing.pth")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from ..errors import ImageError, UserInputError, WeightsNotFoundError
+from ..errors import CheckpointError, ImageError, UserInputError, WeightsNotFoundError
 from ..fileutil import atomic_path
 
 if TYPE_CHECKING:  # torch is imported lazily (the CLI imports this module inside a command)
@@ -158,7 +158,9 @@ class InceptionFeatureSpace(FeatureSpace):
         try:
             torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise WeightsNotFoundError(f"Inception weights {weights_path} are not a plain state dict: {error}") from error
+            reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+            raise CheckpointError(f"Inception weights {weights_path} are not a plain state dict; nothing was "
+                                  f"executed ({reason})") from error
         with _torch_fidelity_cannot_download():
             extractor = create_feature_extractor(
                 "inception-v3-compat", [INCEPTION_FEATURE_LAYER], cuda=False,
@@ -213,11 +215,9 @@ def state_dict_sha256(module) -> str:
     return digest.hexdigest()
 
 
-def extract_features(images: Sequence["torch.Tensor"], space: FeatureSpace, batch_size: int = 32,
-                     progress: bool = False, desc: str = "features") -> "torch.Tensor":
+def extract_features(images: Sequence["torch.Tensor"], space: FeatureSpace, batch_size: int = 32) -> "torch.Tensor":
     """Features [N, D] of uint8 images [3, H, W], in input order; same-size images share batches."""
     import torch
-    from tqdm import tqdm
 
     if batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
@@ -225,15 +225,12 @@ def extract_features(images: Sequence["torch.Tensor"], space: FeatureSpace, batc
     for index, image in enumerate(images):
         indices_by_size.setdefault(tuple(image.shape), []).append(index)
     rows: list = [None] * len(images)
-    with tqdm(total=len(images), desc=desc, unit="img", file=sys.stderr, disable=not progress,
-              leave=False) as bar:
-        for indices in indices_by_size.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
-                features = space.extract(torch.stack([images[i] for i in chunk]))
-                for row, index in zip(features, chunk):
-                    rows[index] = row
-                bar.update(len(chunk))
+    for indices in indices_by_size.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            features = space.extract(torch.stack([images[i] for i in chunk]))
+            for row, index in zip(features, chunk):
+                rows[index] = row
     return torch.stack(rows) if rows else torch.zeros(0, 0)
 
 
