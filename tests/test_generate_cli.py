@@ -157,3 +157,48 @@ def test_device_cuda_without_cuda(cli_runner, tiny_pack, tmp_path):
     result = _generate(cli_runner, tiny_pack, tmp_path / "out", "a red circle", "--device", "cuda")
     assert_one_line_error(result, "CUDA is not available")
     assert written_files(tmp_path / "out") == []
+
+
+# --- pack resolution ---
+@pytest.fixture
+def builtin_shapes(tiny_pack, tmp_path, monkeypatch):
+    """The tiny pack installed as the builtin `shapes` pack (packs.PACKS_DIR pointed at a copy)."""
+    import shutil
+
+    from clip2gan_cli import packs
+
+    shutil.copytree(tiny_pack.directory, tmp_path / "packs" / "shapes")
+    monkeypatch.setattr(packs, "PACKS_DIR", tmp_path / "packs")
+    return tmp_path / "packs" / "shapes"
+
+
+def test_default_pack_is_the_builtin_shapes_pack(cli_runner, builtin_shapes, tmp_path):
+    from clip2gan_cli.imageio import read_png_metadata
+
+    result = cli_runner(["generate", "a red circle", "-n", "1", "--out", tmp_path / "out", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert read_png_metadata(json.loads(result.stdout)["path"])["pack"] == "shapes"
+
+
+def test_builtin_pack_loads_discriminator_lazily(builtin_shapes):
+    from clip2gan_cli.packs import load_pack
+
+    pack = load_pack(device="cpu")
+    assert pack.name == "shapes" and pack.mapper is not None and not pack.is_face_pack
+    discriminator = pack.load_discriminator()
+    assert discriminator(torch.zeros(1, 3, 16, 16)).shape == (1, 1)
+    assert pack.load_identity() is None
+
+
+def test_builtin_pack_with_missing_files_names_them(cli_runner, builtin_shapes, tmp_path):
+    (builtin_shapes / "generator.safetensors").unlink()
+    result = cli_runner(["generate", "a red circle", "--out", tmp_path / "out"])
+    assert_one_line_error(result, "builtin pack 'shapes' is missing generator.safetensors")
+
+
+def test_very_long_prompt_is_truncated_with_a_warning(cli_runner, tiny_pack, tmp_path):
+    prompt = "a red circle " * 800  # ~10,000 characters
+    with pytest.warns(UserWarning, match="truncated"):
+        result = _generate(cli_runner, tiny_pack, tmp_path, prompt.strip(), "-n", "1", "--json", "--no-grid")
+    assert result.exit_code == 0, result.stderr
+    assert len(json.loads(result.stdout)["path"].rsplit("/", 1)[1]) < 80
