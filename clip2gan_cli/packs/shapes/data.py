@@ -16,7 +16,7 @@ RESOLUTION = 32
 # Four outlines that differ at 32 px even when small: round, straight-edged, pointed, concave.
 SHAPES = ("circle", "square", "triangle", "cross")
 
-# Six hues far apart in RGB (pairwise distance >= ~200), none close to black or white.
+# Six hues far apart in RGB (pairwise distance >= 140; blue-cyan is the closest pair), none near black or white.
 COLORS = {
     "red": (225, 30, 30),
     "green": (30, 190, 50),

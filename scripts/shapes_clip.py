@@ -1,0 +1,208 @@
+"""Train the shapes pack's tiny CLIP contrastively on (image, caption) pairs from the domain.
+
+The model is an open_clip `CLIP` built from a custom config (ViT with 4-px patches on 32x32
+images; a small text transformer over the pack's word vocabulary). Captions name only some
+attributes ("a red circle"), so several images in a batch match one caption: the loss uses soft
+targets (every image consistent with the caption is a positive) instead of the identity matrix.
+
+Resumable: `<workdir>/clip_ckpt.pt` is written every few minutes; running again continues.
+Usage: python scripts/shapes_clip.py --workdir work_shapes --minutes 12
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clip2gan_cli.fileutil import atomic_path  # noqa: E402
+from clip2gan_cli.packs.shapes import data  # noqa: E402
+from clip2gan_cli.tokenizer import VocabTokenizer  # noqa: E402
+
+MODEL_NAME = "clip2gan-shapes-vit-p4"
+CONTEXT_LENGTH = 16
+IMAGE_MEAN = (0.5, 0.5, 0.5)  # images in [-1, 1] map to [0, 1] pixels normalised like this
+IMAGE_STD = (0.5, 0.5, 0.5)
+
+
+def clip_model_config(vocab_size: int, context_length: int = CONTEXT_LENGTH) -> dict:
+    """open_clip model config (the `model_cfg` JSON open_clip reads) for the tiny shapes CLIP."""
+    return {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": data.RESOLUTION, "patch_size": 8, "layers": 4, "width": 128,
+                       "head_width": 32, "mlp_ratio": 2.0},
+        "text_cfg": {"context_length": context_length, "vocab_size": vocab_size, "width": 128,
+                     "heads": 4, "layers": 3, "mlp_ratio": 2.0},
+    }
+
+
+def pack_clip_config(tokenizer: VocabTokenizer) -> dict:
+    """The clip_config.json shipped in the pack: open_clip config + vocabulary + preprocessing."""
+    return {
+        "model_name": MODEL_NAME,
+        "model_cfg": clip_model_config(tokenizer.vocab_size, tokenizer.context_length),
+        "tokenizer": tokenizer.to_dict(),
+        "image_size": data.RESOLUTION,
+        "image_mean": list(IMAGE_MEAN),
+        "image_std": list(IMAGE_STD),
+    }
+
+
+def build_clip(config: dict):
+    """An open_clip CLIP with random weights from a `pack_clip_config` dict."""
+    import open_clip
+
+    return open_clip.CLIP(**config["model_cfg"])
+
+
+def images_to_clip_input(images_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] normalised for the CLIP (here: [-1, 1])."""
+    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def caption_match_matrix(attributes: list[dict], captions: list[str]) -> torch.Tensor:
+    """[N_images, N_captions] bool: image i shows everything caption j names."""
+    tables = {"shape": list(data.SHAPES), "color": list(data.COLORS), "size": list(data.SIZES),
+              "background": list(data.BACKGROUNDS)}
+    keys = list(tables)
+    value_to_slot = {value: (slot, index) for slot, key in enumerate(keys) for index, value in enumerate(tables[key])}
+    image_codes = torch.tensor([[tables[k].index(a[k]) for k in keys] for a in attributes])
+    caption_codes = torch.full((len(captions), len(keys)), -1)  # -1: the caption does not name it
+    for j, text in enumerate(captions):
+        for word in VocabTokenizer.split(text):
+            if word in value_to_slot:
+                slot, index = value_to_slot[word]
+                caption_codes[j, slot] = index
+    named = caption_codes[None, :, :] >= 0
+    return ((image_codes[:, None, :] == caption_codes[None, :, :]) | ~named).all(-1)
+
+
+def soft_contrastive_loss(image_features, text_features, logit_scale, match) -> torch.Tensor:
+    """Symmetric InfoNCE with every consistent (image, caption) pair counted as a positive."""
+    logits = logit_scale * image_features @ text_features.t()
+    targets = match.float()
+    loss_images = -(F.log_softmax(logits, dim=1) * targets / targets.sum(1, keepdim=True)).sum(1).mean()
+    loss_texts = -(F.log_softmax(logits.t(), dim=1) * targets.t() / targets.t().sum(1, keepdim=True)).sum(1).mean()
+    return (loss_images + loss_texts) / 2
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, n: int = 1000, seed: int = 10_000) -> dict:
+    """Per-attribute accuracy of picking the best of all full captions for fresh images."""
+    model.eval()
+    combos = [(s, c, z, b) for s in data.SHAPES for c in data.COLORS for z in data.SIZES for b in data.BACKGROUNDS]
+    prompts = [f"a {z} {c} {s} on a {b} background" for s, c, z, b in combos]
+    text_features = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+    images, attributes = data.sample(n, seed)
+    image_features = F.normalize(model.encode_image(images_to_clip_input(images)), dim=-1)
+    best = (image_features @ text_features.t()).argmax(1).tolist()
+    result = {}
+    for index, key in enumerate(("shape", "color", "size", "background")):
+        result[key] = float(np.mean([combos[b][index] == a[key] for b, a in zip(best, attributes)]))
+    result["joint"] = float(np.mean([combos[b] == (a["shape"], a["color"], a["size"], a["background"])
+                                     for b, a in zip(best, attributes)]))
+    model.train()
+    return result
+
+
+def export_clip(model, tokenizer: VocabTokenizer, out_dir: Path) -> None:
+    """Write clip.safetensors (fp16) and clip_config.json into out_dir, atomically."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out_dir / "clip.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "model_name": MODEL_NAME})
+    with atomic_path(out_dir / "clip_config.json") as tmp:
+        Path(tmp).write_text(json.dumps(pack_clip_config(tokenizer), indent=2) + "\n")
+
+
+def train(workdir: Path, minutes: float, batch: int, lr: float, seed: int, threads: int) -> dict:
+    """Train (or resume) for a wall-time budget; returns the last evaluation."""
+    torch.set_num_threads(threads)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = VocabTokenizer(data.vocabulary(), context_length=CONTEXT_LENGTH)
+    config = pack_clip_config(tokenizer)
+    torch.manual_seed(seed)
+    model = build_clip(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    ckpt_path = workdir / "clip_ckpt.pt"
+    state = {"step": 0, "seconds": 0.0, "history": []}
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = json.loads(ckpt["state"])
+        print(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min trained)", flush=True)
+    budget = minutes * 60.0
+    total_steps_guess = max(1, int(budget / 0.35))  # cosine horizon; refined from measured speed
+    rng = np.random.default_rng(seed + state["step"])
+    last_save = time.time()
+    start = time.time() - state["seconds"]
+    model.train()
+    while time.time() - start < budget:
+        step = state["step"]
+        warm = min(1.0, (step + 1) / 100)
+        progress = min(1.0, (time.time() - start) / budget)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        images, attributes = data.sample(batch, seed=int(rng.integers(1 << 31)))
+        captions = [data.caption(a, rng) for a in attributes]
+        x = images_to_clip_input(images)
+        x = x + 0.06 * torch.randn_like(x)  # robustness to GAN pixel noise
+        image_features = F.normalize(model.encode_image(x), dim=-1)
+        text_features = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+        loss = soft_contrastive_loss(image_features, text_features, model.logit_scale.exp().clamp(max=100),
+                                     caption_match_matrix(attributes, captions))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state["step"] = step + 1
+        if state["step"] % 50 == 0:
+            print(f"step {state['step']} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                  f"{(time.time() - start) / 60:.1f} min", flush=True)
+        if time.time() - last_save > 120 or time.time() - start >= budget:
+            state["seconds"] = time.time() - start
+            accuracy = zero_shot_accuracy(model, tokenizer, n=500)
+            state["history"].append({"step": state["step"], "minutes": state["seconds"] / 60, **accuracy})
+            print("eval", json.dumps(accuracy), flush=True)
+            with atomic_path(ckpt_path) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "state": json.dumps(state)}, tmp)
+            last_save = time.time()
+    state["seconds"] = time.time() - start
+    accuracy = zero_shot_accuracy(model, tokenizer, n=1000)
+    with atomic_path(ckpt_path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "state": json.dumps(state)}, tmp)
+    export_clip(model, tokenizer, workdir / "clip_export")
+    (workdir / "clip_eval.json").write_text(json.dumps({"final": accuracy, **state}, indent=2))
+    print("final", json.dumps(accuracy), flush=True)
+    return accuracy
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("work_shapes"))
+    parser.add_argument("--minutes", type=float, default=12.0, help="total training wall time (resumes count)")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    args = parser.parse_args(argv)
+    train(args.workdir, args.minutes, args.batch, args.lr, args.seed, args.threads)
+
+
+if __name__ == "__main__":
+    main()

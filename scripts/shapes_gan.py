@@ -1,0 +1,413 @@
+"""Train the shapes pack's StyleGAN2 (the project's own networks) on the procedural domain.
+
+Plain adversarial training from scratch did not converge on 2 CPU cores within ~165k images
+(issue 7). This recipe gives the generator its structure first and lets the GAN refine it:
+
+1. decoder: an attribute encoder E (one-hot attributes + Fourier position -> w) and the
+   synthesis network are trained together to render `data.render(attrs)` from `E(attrs)`
+   broadcast to W+ (L1 on pixels). The rendering task is deterministic, so it converges fast.
+2. mapping: the generator's own mapping network learns z -> E(attrs(z)), where attrs(z) is
+   a fixed code: shape = argmax of z[0:4], colour = argmax of z[4:10], size and background
+   = signs of z[10], z[11], position = normal CDF of z[12], z[13] (all on the normalised z
+   the mapping sees). Uniform over the domain's attributes by construction.
+3. adversarial: the full generator (mapping + synthesis) against a StyleGAN2 discriminator:
+   non-saturating logistic loss, lazy R1, EMA generator, Adam betas (0, 0.99), differentiable
+   translation + cutout augmentation (no colour augmentation: colour is an attribute), plus an
+   anchor term that keeps the decoder's rendering (weight `anchor_weight`).
+
+Everything is resumable: `<workdir>/gan_ckpt.pt` (every few minutes) records the stage and its
+progress; `<workdir>/gan_log.jsonl` gets one quality line per evaluation and `gan_grid_*.png`
+sample grids. Usage:
+
+    python scripts/shapes_gan.py --workdir work_shapes --decoder-minutes 30 --mapping-minutes 4 \
+        --adversarial-minutes 40
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from clip2gan_cli.fileutil import atomic_path  # noqa: E402
+from clip2gan_cli.packs.shapes import data  # noqa: E402
+from clip2gan_cli.stylegan2.networks import build_discriminator, build_generator  # noqa: E402
+
+STAGES = ("decoder", "mapping", "adversarial")
+
+
+@dataclass
+class GanRecipe:
+    """Architecture and optimisation settings (stored in the checkpoint and the exported metadata)."""
+
+    z_dim: int = 32  # latent size (the first 14 dims carry the attribute code)
+    w_dim: int = 128  # intermediate latent size
+    mapping_layers: int = 4  # enough depth for the argmax-like steps of the attribute code
+    # 64 channels at 4-16 px: modulation/demodulation cost grows with channels^2 per sample and
+    # dominated the step time at 128 on the shared 2-core machine.
+    g_channels: dict = field(default_factory=lambda: {4: 64, 8: 64, 16: 64, 32: 32})
+    d_channels: dict = field(default_factory=lambda: {4: 64, 8: 64, 16: 64, 32: 32})
+    batch: int = 32
+    decoder_lr: float = 0.003
+    mapping_lr: float = 0.001
+    g_lr: float = 0.0005  # adversarial stage: the generator is already structured, so step gently
+    d_lr: float = 0.0025
+    r1_gamma: float = 1.0
+    r1_interval: int = 16
+    ema_half_life_images: float = 10_000.0
+    anchor_weight: float = 1.0  # L1 decoder anchor kept during the adversarial stage
+    translate_px: int = 3  # DiffAugment translation (pixels)
+    cutout: float = 0.25  # DiffAugment cutout side as a fraction of the image
+
+
+# ----------------------------------------------------------------------------------------------
+# The attribute code of z and the attribute encoder
+
+
+def normalize_z(z: torch.Tensor) -> torch.Tensor:
+    """The mapping network's own input normalisation (normalize_2nd_moment)."""
+    return z * (z.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
+
+
+def attributes_from_z(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fixed attribute code: indices per attribute and centre (x, y) in pixels."""
+    zn = normalize_z(z)
+    n_shape, n_color = len(data.SHAPES), len(data.COLORS)
+    centre = data.RESOLUTION / 2.0
+    normal_cdf = 0.5 * (1 + torch.erf(zn[:, 12:14] / math.sqrt(2)))
+    return {
+        "shape": zn[:, 0:n_shape].argmax(1),
+        "color": zn[:, n_shape:n_shape + n_color].argmax(1),
+        "size": (zn[:, 10] > 0).long(),
+        "background": (zn[:, 11] > 0).long(),
+        "position": centre + data.JITTER * (2 * normal_cdf - 1),
+    }
+
+
+def render_codes(codes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Ground-truth images [N, 3, 32, 32] in [-1, 1] for attribute codes."""
+    position = codes["position"].numpy()
+    images = data.render_batch(codes["shape"].numpy(), codes["color"].numpy(), codes["size"].numpy(),
+                               codes["background"].numpy(), position[:, 0], position[:, 1])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def random_codes(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Uniform attribute codes (what attributes_from_z gives for z ~ N(0, I))."""
+    return {
+        "shape": torch.randint(len(data.SHAPES), (n,), generator=generator),
+        "color": torch.randint(len(data.COLORS), (n,), generator=generator),
+        "size": torch.randint(len(data.SIZES), (n,), generator=generator),
+        "background": torch.randint(len(data.BACKGROUNDS), (n,), generator=generator),
+        "position": data.RESOLUTION / 2.0 + data.JITTER * (2 * torch.rand(n, 2, generator=generator) - 1),
+    }
+
+
+class AttributeEncoder(nn.Module):
+    """Attributes -> w: one-hot codes and Fourier features of the position through a 3-layer MLP."""
+
+    def __init__(self, w_dim: int, frequencies: int = 4):
+        super().__init__()
+        self.frequencies = frequencies
+        in_features = len(data.SHAPES) + len(data.COLORS) + len(data.SIZES) + len(data.BACKGROUNDS) \
+            + 2 + 4 * frequencies
+        self.net = nn.Sequential(nn.Linear(in_features, 256), nn.LeakyReLU(0.2), nn.Linear(256, 256),
+                                 nn.LeakyReLU(0.2), nn.Linear(256, w_dim))
+
+    def forward(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        offset = (codes["position"] - data.RESOLUTION / 2.0) / data.JITTER  # [-1, 1]
+        bands = torch.arange(1, self.frequencies + 1, dtype=offset.dtype) * math.pi / 2
+        angles = (offset[:, :, None] * bands).flatten(1)
+        parts = [F.one_hot(codes["shape"], len(data.SHAPES)), F.one_hot(codes["color"], len(data.COLORS)),
+                 F.one_hot(codes["size"], len(data.SIZES)), F.one_hot(codes["background"], len(data.BACKGROUNDS))]
+        features = torch.cat([p.float() for p in parts] + [offset, angles.sin(), angles.cos()], dim=1)
+        return self.net(features)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and augmentation
+
+
+def diff_augment(images: torch.Tensor, translate_px: int, cutout: float) -> torch.Tensor:
+    """DiffAugment translation (zero padding) and cutout; differentiable, no colour changes."""
+    n, _, h, w = images.shape
+    if translate_px > 0:
+        shift = torch.randint(-translate_px, translate_px + 1, (2,)).tolist()  # one shift per batch: cheap
+        padded = F.pad(images, [translate_px] * 4)
+        top, left = translate_px + shift[0], translate_px + shift[1]
+        images = padded[:, :, top:top + h, left:left + w]
+    if cutout > 0:
+        side = max(1, int(h * cutout))
+        cy = torch.randint(0, h, (n, 1, 1))
+        cx = torch.randint(0, w, (n, 1, 1))
+        ys = torch.arange(h).view(1, h, 1)
+        xs = torch.arange(w).view(1, 1, w)
+        keep = ~(((ys - cy).abs() <= side // 2) & ((xs - cx).abs() <= side // 2))
+        images = images * keep.unsqueeze(1).to(images.dtype)
+    return images
+
+
+def broadcast_w(w: torch.Tensor, num_ws: int) -> torch.Tensor:
+    return w.unsqueeze(1).repeat(1, num_ws, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+class ShapesGanTrainer:
+    """Holds the networks, optimisers and progress of all three stages; checkpoints and evaluates."""
+
+    def __init__(self, workdir: Path, recipe: GanRecipe, seed: int = 0, log=print):
+        self.workdir, self.recipe, self.log = workdir, recipe, log
+        torch.manual_seed(seed)
+        self.G = build_generator(data.RESOLUTION, z_dim=recipe.z_dim, w_dim=recipe.w_dim,
+                                 mapping_layers=recipe.mapping_layers, mapping_lr_mul=1.0,
+                                 channels=recipe.g_channels, backend="reference")
+        self.D = build_discriminator(data.RESOLUTION, channels=recipe.d_channels, backend="reference")
+        self.E = AttributeEncoder(recipe.w_dim)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.opt_decoder = torch.optim.Adam(list(self.G.synthesis.parameters()) + list(self.E.parameters()),
+                                            lr=recipe.decoder_lr, betas=(0.9, 0.99))
+        self.opt_mapping = torch.optim.Adam(self.G.mapping.parameters(), lr=recipe.mapping_lr)
+        mb = recipe.r1_interval / (recipe.r1_interval + 1)  # lazy-regularisation correction for D
+        self.opt_g = torch.optim.Adam(list(self.G.parameters()) + list(self.E.parameters()), lr=recipe.g_lr,
+                                      betas=(0.0, 0.99))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=recipe.d_lr * mb, betas=(0.0, 0.99 ** mb))
+        self.progress = {stage: {"seconds": 0.0, "images": 0, "steps": 0} for stage in STAGES}
+        self.rng = torch.Generator().manual_seed(seed + 1)
+        self.fixed_z = torch.randn(64, recipe.z_dim, generator=torch.Generator().manual_seed(1234))
+        self.checker = None
+        self.path = workdir / "gan_ckpt.pt"
+        if self.path.exists():
+            self._load()
+
+    # --- persistence ---
+    def _load(self) -> None:
+        ckpt = torch.load(self.path, weights_only=True)
+        for name in ("G", "D", "E", "G_ema", "opt_decoder", "opt_mapping", "opt_g", "opt_d"):
+            getattr(self, name).load_state_dict(ckpt[name])
+        self.progress = json.loads(ckpt["progress"])
+        self.rng.manual_seed(int(sum(p["steps"] for p in self.progress.values())) + 7)
+        self.log(f"resumed: {json.dumps(self.progress)}")
+
+    def save(self) -> None:
+        state = {name: getattr(self, name).state_dict()
+                 for name in ("G", "D", "E", "G_ema", "opt_decoder", "opt_mapping", "opt_g", "opt_d")}
+        state["progress"] = json.dumps(self.progress)
+        state["recipe"] = json.dumps(asdict(self.recipe))
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    # --- stage steps ---
+    def decoder_step(self) -> float:
+        codes = random_codes(self.recipe.batch, self.rng)
+        target = render_codes(codes)
+        ws = broadcast_w(self.E(codes), self.G.num_ws)
+        loss = (self.G.synthesis(ws, noise_mode="random") - target).abs().mean()
+        self.opt_decoder.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_decoder.step()
+        return loss.item()
+
+    def mapping_step(self) -> float:
+        z = torch.randn(256, self.recipe.z_dim, generator=self.rng)
+        with torch.no_grad():
+            target = self.E(attributes_from_z(z))
+        w = self.G.mapping(z)[:, 0]
+        loss = F.mse_loss(w, target)
+        self.opt_mapping.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_mapping.step()
+        return loss.item()
+
+    def adversarial_step(self, step: int) -> dict:
+        r, n = self.recipe, self.recipe.batch
+        augment = lambda x: diff_augment(x, r.translate_px, r.cutout)  # noqa: E731
+        # Generator: fool D, and keep rendering E(attrs) faithfully (anchor).
+        self.D.requires_grad_(False)
+        z = torch.randn(n, r.z_dim, generator=self.rng)
+        fake = self.G(z, noise_mode="random")
+        g_loss = F.softplus(-self.D(augment(fake))).mean()
+        anchor = torch.zeros(())
+        if r.anchor_weight > 0:
+            codes = random_codes(n // 2, self.rng)
+            decoded = self.G.synthesis(broadcast_w(self.E(codes), self.G.num_ws), noise_mode="random")
+            anchor = (decoded - render_codes(codes)).abs().mean()
+        self.opt_g.zero_grad(set_to_none=True)
+        (g_loss + r.anchor_weight * anchor).backward()
+        self.opt_g.step()
+        self.D.requires_grad_(True)
+        # Discriminator: logistic loss on real vs fake, lazy R1 on reals.
+        real = render_codes(random_codes(n, self.rng))
+        d_loss = F.softplus(self.D(augment(fake.detach()))).mean() + F.softplus(-self.D(augment(real))).mean()
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        r1 = torch.zeros(())
+        if step % r.r1_interval == 0:
+            real = real.detach().requires_grad_(True)
+            logits = self.D(augment(real))
+            (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
+            r1 = grad.square().sum([1, 2, 3]).mean()
+            self.opt_d.zero_grad(set_to_none=True)
+            (r1 * (r.r1_gamma / 2) * r.r1_interval).backward()
+            self.opt_d.step()
+        self._update_ema()
+        return {"g": g_loss.item(), "d": d_loss.item(), "anchor": anchor.item(), "r1": r1.item()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        beta = 0.5 ** (self.recipe.batch / self.recipe.ema_half_life_images)
+        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            p_ema.copy_(p.lerp(p_ema, beta))
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            b_ema.copy_(b)
+
+    @torch.no_grad()
+    def _sync_ema(self) -> None:
+        self.G_ema.load_state_dict(self.G.state_dict())
+
+    @torch.no_grad()
+    def _set_w_avg(self, G) -> None:
+        z = torch.randn(4096, self.recipe.z_dim, generator=torch.Generator().manual_seed(99))
+        G.mapping.w_avg.copy_(G.mapping(z)[:, 0].mean(0))
+
+    # --- evaluation ---
+    @torch.no_grad()
+    def evaluate(self, tag: str, n: int = 256) -> dict:
+        """Checker verdicts on EMA samples: agreement with the z code, confidence, combo coverage."""
+        from shapes_checker import HEADS, load_or_train_checker
+
+        z = torch.randn(n, self.recipe.z_dim, generator=torch.Generator().manual_seed(4321))
+        self.G_ema.eval()
+        images = torch.cat([self.G_ema(z[i:i + 128]) for i in range(0, n, 128)])
+        self._save_grid(images[:64], self.workdir / f"gan_grid_{tag}.png")
+        self._save_grid(images[:64], self.workdir / "gan_grid_latest.png")
+        result = {"tag": tag, "time": time.strftime("%H:%M:%S"), **{s: dict(p) for s, p in self.progress.items()}}
+        if self.checker is None and (self.workdir / "checker.pt").exists():  # trained by its own job
+            self.checker = load_or_train_checker(self.workdir / "checker.pt", log=self.log)
+        if self.checker is None:
+            self.log(f"eval {tag}: grid written; no checker.pt yet, no quality numbers")
+            return result
+        logits = self.checker(images.clamp(-1, 1))
+        codes = attributes_from_z(z)
+        confident = torch.ones(n, dtype=torch.bool)
+        for key in HEADS:
+            probs = logits[key].softmax(1)
+            result[f"z_agree_{key}"] = float((probs.argmax(1) == codes[key]).float().mean())
+            confident &= probs.max(1).values > 0.9
+        result["clean"] = float(confident.float().mean())
+        combo = logits["shape"].argmax(1) * len(data.COLORS) + logits["color"].argmax(1)
+        counts = torch.bincount(combo, minlength=len(data.SHAPES) * len(data.COLORS)).float() / n
+        result["combos_covered"] = int((counts >= 0.25 / counts.numel()).sum())
+        result["position_error_px"] = float((logits["position"] - codes["position"]).abs().mean())
+        with open(self.workdir / "gan_log.jsonl", "a") as handle:
+            handle.write(json.dumps(result) + "\n")
+        self.log("eval " + json.dumps({k: v for k, v in result.items() if k not in STAGES}))
+        return result
+
+    @staticmethod
+    def _save_grid(images: torch.Tensor, path: Path) -> None:
+        from PIL import Image
+
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        rows = int(math.sqrt(len(pixels)))
+        grid = pixels[: rows * rows].reshape(rows, rows, 32, 32, 3).transpose(0, 2, 1, 3, 4)
+        grid = grid.reshape(rows * 32, rows * 32, 3)
+        with atomic_path(path) as tmp:
+            Image.fromarray(grid).resize((rows * 64, rows * 64), Image.NEAREST).save(tmp, format="PNG")
+
+    # --- the loop ---
+    def run_stage(self, stage: str, minutes: float, eval_minutes: float = 5.0, save_minutes: float = 3.0) -> None:
+        """Run one stage until its (cumulative, resumable) wall-time budget is spent."""
+        progress = self.progress[stage]
+        budget = minutes * 60.0
+        if progress["seconds"] >= budget:
+            return
+        if stage == "adversarial" and progress["steps"] == 0:
+            self._set_w_avg(self.G)
+            self._sync_ema()
+        self.log(f"stage {stage}: {progress['seconds'] / 60:.1f} of {minutes:.1f} min done")
+        start = time.time() - progress["seconds"]
+        last_save = last_eval = time.time()
+        while time.time() - start < budget:
+            if stage == "decoder":
+                metrics = {"l1": self.decoder_step()}
+                progress["images"] += self.recipe.batch
+            elif stage == "mapping":
+                metrics = {"mse": self.mapping_step()}
+                progress["images"] += 256
+            else:
+                metrics = self.adversarial_step(progress["steps"])
+                progress["images"] += self.recipe.batch
+            progress["steps"] += 1
+            progress["seconds"] = time.time() - start
+            if progress["steps"] % 100 == 0:
+                rate = progress["images"] / max(progress["seconds"], 1e-6) * 60
+                self.log(f"{stage} step {progress['steps']} {json.dumps({k: round(v, 4) for k, v in metrics.items()})}"
+                         f" {rate:.0f} img/min {progress['seconds'] / 60:.1f} min")
+            if time.time() - last_save > save_minutes * 60:
+                self._finish_interval(stage)
+                self.save()
+                last_save = time.time()
+            if time.time() - last_eval > eval_minutes * 60:
+                self._finish_interval(stage)
+                self.evaluate(f"{stage}_{progress['steps']:06d}")
+                last_eval = time.time()
+        self._finish_interval(stage)
+        self.save()
+        self.evaluate(f"{stage}_end")
+
+    def _finish_interval(self, stage: str) -> None:
+        """Before saving/evaluating: keep G_ema meaningful in the non-adversarial stages."""
+        if stage in ("decoder", "mapping"):
+            self._set_w_avg(self.G)
+            self._sync_ema()
+
+    def export(self, out_dir: Path) -> tuple[Path, Path]:
+        """Write the EMA generator and the discriminator with the project's safetensors writers."""
+        from clip2gan_cli.stylegan2.convert import save_discriminator, save_generator
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._set_w_avg(self.G_ema)
+        meta = {"recipe": asdict(self.recipe), "progress": self.progress}
+        g_path = save_generator(self.G_ema, out_dir / "generator.safetensors", extra_metadata=meta)
+        d_path = save_discriminator(self.D, out_dir / "discriminator.safetensors", extra_metadata=meta)
+        return g_path, d_path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Train the shapes pack's StyleGAN2 (resumable).")
+    parser.add_argument("--workdir", type=Path, default=Path("work_shapes"))
+    parser.add_argument("--decoder-minutes", type=float, default=30.0)
+    parser.add_argument("--mapping-minutes", type=float, default=4.0)
+    parser.add_argument("--adversarial-minutes", type=float, default=40.0)
+    parser.add_argument("--eval-minutes", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export", type=Path, default=None, help="write generator/discriminator here at the end")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    trainer = ShapesGanTrainer(args.workdir, GanRecipe(), seed=args.seed)
+    for stage, minutes in zip(STAGES, (args.decoder_minutes, args.mapping_minutes, args.adversarial_minutes)):
+        trainer.run_stage(stage, minutes, eval_minutes=args.eval_minutes)
+    if args.export is not None:
+        for path in trainer.export(args.export):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
