@@ -1,6 +1,13 @@
 """Training speed: steps/s of `clip2gan train` for a small config, with each loss switched on in turn.
 
     .venv/bin/python bench/train.py [--steps 10] [--resolution 32] [--batch-size 4] [--device cpu]
+    .venv/bin/python bench/train.py --compare-noise [--pack shapes] [--steps 300]
+
+`--compare-noise` trains the mapper once with each L_div feature perturbation (multiplicative
+N(1, 0.36) per dimension then re-normalised, vs additive) and reports, for the fixed sample
+prompts, what `generate` would give: the training L_rec (last logged average), the diversity of
+images from one prompt under that perturbation (mean pairwise L1 on a [0, 1] scale), and how far
+the perturbed features stay from the prompt (mean cosine).
 
 Random-weight models (a small StyleGAN2, a small ViT CLIP, a random-trunk LPIPS and facenet) so
 it needs no downloads; the numbers measure the loop's cost per loss, not the quality. Each row is
@@ -52,7 +59,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--compare-noise", action="store_true", help="compare the two L_div perturbations")
+    parser.add_argument("--pack", default=None, help="pack for --compare-noise (default: random small models)")
+    parser.add_argument("--samples", type=int, default=8, help="images per prompt for --compare-noise")
     args = parser.parse_args()
+    if args.compare_noise:
+        compare_noise(args)
+        return
 
     import torch
 
@@ -83,6 +96,48 @@ def main() -> None:
             last = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()[-1]
         speed = json.loads(last)["steps_per_s"]
         print(f"{label:<26}{speed:>10.2f}{1000 / speed:>10.0f}   (run with set-up: {total:.1f} s)", flush=True)
+
+
+def compare_noise(args) -> None:
+    """Train once per perturbation mode and measure reconstruction, diversity and prompt fidelity."""
+    import torch
+
+    from clip2gan_cli.mapper import perturb_clip_features
+    from clip2gan_cli.metrics.diversity import l1_distance, mean_pairwise_distance
+    from clip2gan_cli.train.config import TrainConfig
+    from clip2gan_cli.train.trainer import TrainModels, build_models, run_training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = TrainConfig(steps=args.steps, batch_size=args.batch_size, device=args.device, num_workers=0,
+                       log_every=max(1, args.steps // 10), sample_every=args.steps, checkpoint_every=args.steps,
+                       lpips_backbone="random", identity="off", pack=args.pack or "",
+                       sample_prompts=["a red circle on a white background", "a small blue square",
+                                       "a large green triangle on a black background"])
+    if args.pack:
+        models = build_models(base, torch.device(args.device))
+    else:
+        generator, clip, discriminator = small_models(args.resolution)
+        models = TrainModels(generator, clip, discriminator)
+    print(f"{'mode':<16}{'L_rec':>10}{'diversity_l1':>14}{'cos(f1, f)':>12}")
+    for mode in ("multiplicative", "additive"):
+        config = base.updated({"div_mode": mode})
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_training(config, Path(tmp) / "run", models=models, progress=False, log=lambda _: None)
+        mapper = result.mapper_ema
+        generator, clip = models.generator, models.clip
+        with torch.no_grad():
+            prompt_features = clip.encode_text(config.sample_prompts)
+            images_by_prompt, cosines = [], []
+            for index, feature in enumerate(prompt_features):
+                repeated = feature.expand(args.samples, -1)
+                noise = torch.Generator().manual_seed(index)
+                perturbed = perturb_clip_features(repeated, mode, config.div_std, noise)
+                cosines.append(float((perturbed * repeated).sum(1).mean()))
+                images_by_prompt.append(generator.synthesis(mapper(perturbed), noise_mode="const").clamp(-1, 1))
+        diversity = mean_pairwise_distance(images_by_prompt, l1_distance)
+        print(f"{mode:<16}{result.final_losses.get('rec', float('nan')):>10.4f}{diversity:>14.4f}"
+              f"{sum(cosines) / len(cosines):>12.3f}", flush=True)
 
 
 if __name__ == "__main__":
