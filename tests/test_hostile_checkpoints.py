@@ -3,6 +3,10 @@ with `pickle.load` / `torch.load(weights_only=False)` or NVIDIA's own loader. `l
 must refuse each one with UnsafeCheckpointError / CheckpointError, the payload's marker file must
 never appear, and nothing may be written to the conversion cache.
 
+One case is deliberately not a refusal: a well-formed NVIDIA pickle whose only hostile part is
+its embedded `module_src`. NVIDIA's loader would exec that source; ours never reads it, so the
+weights load and the marker still never appears (an unknown class name is refused, though).
+
 Control tests show the payloads are real: the ordinary unpickler does create the markers.
 """
 from __future__ import annotations
