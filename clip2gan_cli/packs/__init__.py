@@ -49,10 +49,10 @@ class Pack:
 
     def file_hashes(self) -> dict[str, str]:
         """Role -> first 16 hex digits of the sha256 of its file (for PNG metadata); cached."""
-        if not self._hashes:
-            for role, path in sorted(self.paths.items()):
+        for role, path in sorted(self.paths.items()):
+            if role not in self._hashes:
                 self._hashes[role] = _sha256(path)[:16]
-        return dict(self._hashes)
+        return dict(sorted(self._hashes.items()))
 
     def load_discriminator(self):
         """The pack's StyleGAN2 discriminator (trainable=False; the trainer re-enables grads), or None."""
@@ -141,7 +141,13 @@ def load_pack(name: str | None = None, device="auto", backend: str = "auto", nee
     else:
         clip = load_clip(entry.clip_model, entry.clip_pretrained, weights_path=paths.get("clip_weights"),
                          device=torch_device)
-    return _assemble(name, entry, paths, clip, torch_device, backend, need_mapper)
+    pack = _assemble(name, entry, paths, clip, torch_device, backend, need_mapper)
+    # Registry files have pinned hashes: no need to re-read hundreds of MB for PNG metadata.
+    for role, ref in ({} if entry.builtin else entry.file_references()).items():
+        pinned = registry.files[ref].sha256 if ref in registry.files else None
+        if pinned and role in pack.paths:
+            pack._hashes[role] = pinned[:16]
+    return pack
 
 
 def _no_mapper(name: str) -> NoMapperError:
