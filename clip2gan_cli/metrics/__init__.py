@@ -97,13 +97,24 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _clip_weights_sha256(pack) -> str:
+    """sha256 of the pack's CLIP weights: pinned in the registry, else hashed from the file or the tensors."""
+    from .. import weights
+    from . import fid
+
+    reference = getattr(pack.info, "clip_weights", None) if pack.info is not None else None
+    entry = weights.load_registry().files.get(reference) if reference else None
+    if entry is not None and entry.sha256:
+        return entry.sha256  # fetch() verified the file against it; no need to hash 600 MB again
+    clip_weights = pack.paths.get("clip_weights")
+    return fid.sha256_file(clip_weights) if clip_weights else fid.state_dict_sha256(pack.clip)
+
+
 def _feature_space(config: EvalConfig, pack, device):
     from . import fid
 
     if config.features == "clip":
-        clip_weights = pack.paths.get("clip_weights")
-        weights_sha256 = fid.sha256_file(clip_weights) if clip_weights else fid.state_dict_sha256(pack.clip)
-        return fid.ClipFeatureSpace(pack.clip, weights_sha256=weights_sha256, device=device)
+        return fid.ClipFeatureSpace(pack.clip, weights_sha256=_clip_weights_sha256(pack), device=device)
     if config.inception_weights is not None:
         return fid.InceptionFeatureSpace(config.inception_weights, device=device)
     from .. import weights
