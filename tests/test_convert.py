@@ -394,3 +394,27 @@ def test_inference_refuses_unsupported_layouts():
     gap = {k: v for k, v in state.items() if not k.startswith("synthesis.b32.")}
     with pytest.raises(CheckpointError):
         convert.infer_generator_config(gap)
+
+
+def test_nvidia_settings_fall_back_to_recorded_constructor_kwargs(tmp_path, nvidia_small):
+    # Without the module attributes, conv_clamp / mbstd group come from _init_kwargs (stylegan3 keeps them flat).
+    from _nvidia_pickles import build_tree, default_attributes, dumps_with_stand_ins
+
+    g_state, d_state = _split(nvidia_small, "G."), _split(nvidia_small, "D.")
+    g_attributes = {"": {"_init_kwargs": {"conv_clamp": 1.5, "z_dim": 64}}}
+    d_attributes = {"": {"_init_kwargs": {"conv_clamp": 4.0, "epilogue_kwargs": {"mbstd_group_size": 2}}}}
+    root = {"G_ema": build_tree(g_state, "generator", g_attributes), "D": build_tree(d_state, "discriminator",
+                                                                                   d_attributes)}
+    path = tmp_path / "kwargs-only.pkl"
+    path.write_bytes(dumps_with_stand_ins(root, protocol=4))
+    G = convert.load_generator(path, device="cpu", backend="reference")
+    D = convert.load_discriminator(path, device="cpu", backend="reference")
+    assert (G.config.conv_clamp, D.config.conv_clamp, D.config.mbstd_group_size) == (1.5, 4.0, 2)
+    with torch.no_grad():
+        assert_close("out.img.psi1.const.clamp", G.synthesis(nvidia_small["out.ws.psi1"]),
+                     nvidia_small["out.img.psi1.const.clamp"])
+    bad = dict(default_attributes(g_state, "generator"))
+    bad["synthesis.b4.conv1"] = {**bad["synthesis.b4.conv1"], "conv_clamp": "256; rm -rf /"}
+    path.write_bytes(dumps_with_stand_ins({"G_ema": build_tree(g_state, "generator", bad)}, protocol=4))
+    with pytest.raises(CheckpointError, match="conv_clamp"):
+        convert.load_generator(path, device="cpu")

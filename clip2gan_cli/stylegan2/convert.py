@@ -454,10 +454,8 @@ def _read_nvidia_pickle(path: Path) -> ImportedCheckpoint:
 
 def _recorded_number(node: PersistentObject | None, attribute: str, default: Any, what: str,
                      allow_none: bool = True, integer: bool = False) -> Any:
-    """A shape-neutral setting recorded as a plain attribute of an NVIDIA module, validated."""
-    if node is None or attribute not in node.state:
-        return default
-    value = node.attribute(attribute)
+    """A shape-neutral setting recorded as a plain attribute of an NVIDIA module (else `default`), validated."""
+    value = node.attribute(attribute) if node is not None and attribute in node.state else default
     if value is None and allow_none:
         return None
     valid_type = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -466,16 +464,35 @@ def _recorded_number(node: PersistentObject | None, attribute: str, default: Any
     return value
 
 
+def _init_kwarg(node: PersistentObject, *paths: str, default: Any = None) -> Any:
+    """The first of `paths` ('synthesis_kwargs.conv_clamp', ...) found in the recorded constructor kwargs."""
+    kwargs = node.attribute("_init_kwargs")
+    for dotted in paths:
+        value: Any = kwargs
+        for part in dotted.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is not _MISSING:
+            return value
+    return default
+
+
+_MISSING = object()
+
+
 def _nvidia_generator(node: PersistentObject, network_name: str, source: str) -> ImportedNetwork:
     state_dict = flatten_state_dict(node)
     what = f"{source} {network_name}"
     architecture = (node.find("synthesis.b4") or node).attribute("architecture", "skip")
     if architecture != "skip":
         raise CheckpointError(f"{what}: generator architecture '{architecture}' is not supported (only 'skip')")
+    # Shape-neutral settings: the modules' own attributes first, then the constructor kwargs
+    # (nested in stylegan2-ada, flat in stylegan3's networks_stylegan2), then NVIDIA's defaults.
+    recorded_clamp = _init_kwarg(node, "synthesis_kwargs.conv_clamp", "conv_clamp")
+    recorded_lr_mul = _init_kwarg(node, "mapping_kwargs.lr_multiplier", default=DEFAULT_MAPPING_LR_MUL)
     config = infer_generator_config(
         state_dict,
-        conv_clamp=_recorded_number(node.find("synthesis.b4.conv1"), "conv_clamp", None, what),
-        mapping_lr_mul=_recorded_number(node.find("mapping.fc0"), "bias_gain", DEFAULT_MAPPING_LR_MUL, what,
+        conv_clamp=_recorded_number(node.find("synthesis.b4.conv1"), "conv_clamp", recorded_clamp, what),
+        mapping_lr_mul=_recorded_number(node.find("mapping.fc0"), "bias_gain", recorded_lr_mul, what,
                                         allow_none=False),
         w_avg_beta=_recorded_number(node.find("mapping"), "w_avg_beta", 0.995, what, allow_none=False))
     metadata = {"source_network": network_name, "w_avg_source": "checkpoint (mapping.w_avg)",
@@ -492,9 +509,9 @@ def _nvidia_discriminator(node: PersistentObject, source: str) -> ImportedNetwor
     architecture = (top_block or node).attribute("architecture", "resnet")
     if architecture != "resnet":
         raise CheckpointError(f"{what}: discriminator architecture '{architecture}' is not supported (only 'resnet')")
-    mbstd = node.find("b4.mbstd")
-    group_size = _recorded_number(mbstd, "group_size", DEFAULT_MBSTD_GROUP_SIZE, what, integer=True)
-    conv_clamp = _recorded_number(node.find("b4.conv"), "conv_clamp", None, what)
+    recorded_group = _init_kwarg(node, "epilogue_kwargs.mbstd_group_size", default=DEFAULT_MBSTD_GROUP_SIZE)
+    group_size = _recorded_number(node.find("b4.mbstd"), "group_size", recorded_group, what, integer=True)
+    conv_clamp = _recorded_number(node.find("b4.conv"), "conv_clamp", _init_kwarg(node, "conv_clamp"), what)
     config = infer_discriminator_config(state_dict, conv_clamp=conv_clamp, mbstd_group_size=group_size)
     metadata = {"source_network": "D", "init_kwargs": json.dumps(plain_data(node.attribute("_init_kwargs", {}))),
                 "source_format": "nvidia-pkl"}
