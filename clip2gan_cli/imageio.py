@@ -432,7 +432,10 @@ def write_edit_outputs(out_dir: str | Path, stem: str, source: "torch.Tensor", r
     """Write edit's outputs: the edited image, the reconstruction, a sheet (input | reconstruction |
     edit) and the edited W+ code. Records: {"path", "role" (edited|reconstruction|sheet|latent)}."""
     out_dir = check_output_dir(out_dir)
-    base = f"{slugify(stem, 32)}_{slugify(edit_label, 40)}"
+    import re
+
+    safe_stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")[:40] or "image"  # file stems need no hash
+    base = f"{safe_stem}_{slugify(edit_label, 40)}"
     meta = dict(metadata or {})
     outputs = [
         ("edited", out_dir / f"{base}_edited.png", edited[:1]),

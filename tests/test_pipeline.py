@@ -150,3 +150,18 @@ def test_parse_beta_rejects_non_numbers():
     assert pipeline.parse_beta("-0.5") == -0.5
     with pytest.raises(UserInputError, match="--beta must be a number"):
         pipeline.parse_beta("strong")
+
+
+def test_parse_edit_round_trips_any_text_and_finite_beta():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    texts = st.text(min_size=1, max_size=40).filter(lambda t: t.strip() and t == t.strip())
+    betas = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+    @settings(max_examples=200, deadline=None)
+    @given(texts, betas)
+    def check(text, beta):
+        assert pipeline.parse_edit(f"{text}:{beta!r}") == (text, beta)
+
+    check()
