@@ -434,6 +434,8 @@ def train_command(
 
     result = run_training(config, run_dir, resume=resume is not None, export_pack=export_pack, progress=progress,
                           log=err)
+    if result.rank != 0:  # under torchrun only rank 0 reports
+        return
     losses = ", ".join(f"{name} {value:.4g}" for name, value in result.final_losses.items())
     err(f"Trained {result.steps} steps ({result.steps_per_second:.2f} steps/s). {losses}")
     typer.echo(str(result.mapper_path))

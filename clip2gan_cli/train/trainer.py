@@ -77,6 +77,7 @@ class TrainResult:
     exported_pack: str | None = None
     mapper: nn.Module | None = None       # the trained mapper (raw weights; every rank has one)
     mapper_ema: nn.Module | None = None   # its EMA copy (what mapper.safetensors holds)
+    rank: int = 0                         # this process's rank (only rank 0 reports and writes)
 
 
 @dataclass
@@ -311,7 +312,7 @@ def _run(config: TrainConfig, run_dir: Path, resume: bool, models: TrainModels |
         exported = export_local_pack(export_pack, run_dir / "mapper.safetensors", models.sources, config)
         log(f"Registered local pack '{exported}': use --pack {exported}.")
     return TrainResult(run_dir, config.steps, run_dir / "mapper.safetensors", last_losses, steps_per_second, exported,
-                       mapper=mapper, mapper_ema=mapper_ema)
+                       mapper=mapper, mapper_ema=mapper_ema, rank=dist_ctx.rank)
 
 
 # Loss name -> its weight in the config (a table, so the sum and the logs agree).
