@@ -84,15 +84,33 @@ def test_inception_never_downloads_offline(cli_runner, folders, monkeypatch):
 
 
 @pytest.mark.slow
-def test_inception_features_from_a_local_weights_file(cli_runner, tmp_path, random_inception_weights):
-    real = write_noise_images(tmp_path / "real", 3, seed=0, size=24)
-    fake = write_noise_images(tmp_path / "fake", 3, seed=1, size=32)  # another size: resized by the extractor
-    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, "--inception-weights", random_inception_weights,
-                         "--device", "cpu", "-q", "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert report["features"] == "inception" and report["feature_dim"] == 2048 and report["fid"] > 0
-    assert "2048" in result.stderr  # the warning that 3 images in 2048-d give a biased FID
+def test_inception_from_the_registry_cache_or_a_local_file(cli_runner, tmp_path, random_inception_weights,
+                                                           monkeypatch):
+    """The registry route passes the cached inception-fid file to torch-fidelity; --inception-weights a given one."""
+    import shutil
+
+    from clip2gan_cli import weights
+
+    monkeypatch.setenv("CLIP2GAN_OFFLINE", "1")  # nothing may be downloaded
+    entry = weights.load_registry().entry("inception-fid")
+    cached = weights.cached_path(entry)
+    cached.parent.mkdir(parents=True)
+    shutil.copy(random_inception_weights, cached)
+    cached.with_name(cached.name + ".sha256").write_text(entry.sha256 + "\n")  # as if fetched and verified
+
+    real = write_noise_images(tmp_path / "real", 2, seed=0, size=24)
+    fake = write_noise_images(tmp_path / "fake", 2, seed=1, size=32)  # another size: resized by the extractor
+    common = ["eval-fid", "--real", real, "--fake", fake, "--device", "cpu", "-q", "--json"]
+    from_registry = cli_runner(common)
+    from_file = cli_runner(common + ["--inception-weights", random_inception_weights])
+    assert from_registry.exit_code == 0 and from_file.exit_code == 0, from_registry.output + from_file.output
+    registry_report, file_report = json.loads(from_registry.stdout), json.loads(from_file.stdout)
+    assert registry_report["features"] == "inception" and registry_report["feature_dim"] == 2048
+    assert registry_report["fid"] > 0
+    assert registry_report["fid"] == pytest.approx(file_report["fid"], rel=1e-6)
+    assert registry_report["feature_weights_sha256"] == entry.sha256
+    assert file_report["feature_weights_sha256"] == hashlib.sha256(random_inception_weights.read_bytes()).hexdigest()
+    assert "2048" in from_registry.stderr  # the warning that 2 images in 2048-d give a biased FID
 
 
 # --------------------------------------------------------------------------- bad input
