@@ -418,3 +418,10 @@ def test_nvidia_settings_fall_back_to_recorded_constructor_kwargs(tmp_path, nvid
     path.write_bytes(dumps_with_stand_ins({"G_ema": build_tree(g_state, "generator", bad)}, protocol=4))
     with pytest.raises(CheckpointError, match="conv_clamp"):
         convert.load_generator(path, device="cpu")
+
+
+def test_package_re_exports_the_loaders():
+    import clip2gan_cli
+
+    assert clip2gan_cli.load_generator is convert.load_generator
+    assert clip2gan_cli.load_discriminator is convert.load_discriminator

@@ -288,11 +288,17 @@ def test_one_storage_blob_parsed_many_times_is_refused(tmp_path, tiny_state, mar
     _assert_refused(path, marker, clip2gan_home, unsafe=False)
 
 
-def test_oversized_bytes_length_field_in_the_outer_pickle_is_refused(tmp_path, marker, clip2gan_home):
-    data = b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b"tiny" + b"."  # BINBYTES8 claiming 4 EiB
+@pytest.mark.parametrize("opcode, length_format", [
+    (pickle.BINBYTES8, "<Q"), (pickle.BINUNICODE8, "<Q"), (pickle.FRAME, "<Q"), (pickle.BINBYTES, "<I"),
+    (pickle.LONG4, "<i"),
+], ids=["BINBYTES8", "BINUNICODE8", "FRAME", "BINBYTES", "LONG4"])
+def test_oversized_length_field_in_the_outer_pickle_is_refused(tmp_path, marker, clip2gan_home, opcode,
+                                                               length_format):
+    claimed = (1 << 62) if length_format == "<Q" else (1 << 31) - 1  # far beyond the 10-byte payload
+    data = b"\x80\x04" + opcode + struct.pack(length_format, claimed) + b"tiny" + b"."
     path = tmp_path / "oversized-bytes.pkl"
     path.write_bytes(data)
-    _assert_refused(path, marker, clip2gan_home, unsafe=False)
+    _assert_refused(path, marker, clip2gan_home, unsafe=False, name="length field")
 
 
 def test_build_on_a_container_is_refused(tmp_path, marker, clip2gan_home):
