@@ -472,7 +472,16 @@ def eval_fid_command(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per feature-extractor / generator call."),
     seed: int = typer.Option(0, "--seed", help="Seed of the generation noise and of the KID subsets."),
 ) -> None:
-    """FID (and KID, CLIP score, diversity) of generated images against a folder of real images."""
+    """FID (and KID, CLIP score, diversity) of generated images against a folder of real images.
+
+    FID needs at least 2 images per set, KID at least --kid-subset-size; unreadable files are skipped and counted.
+
+    Any image size: the extractor resizes (Inception: bilinear to 299x299; CLIP: centre crop, bicubic).
+
+    Real-folder statistics are cached by content in $CLIP2GAN_HOME/stats.
+
+    --prompts adds clip_score and diversity_lpips (diversity_l1 when LPIPS weights are unavailable offline).
+    """
     import json
 
     from rich.console import Console
