@@ -265,8 +265,8 @@ def generate_command(
 @app.command("edit")
 @handle_errors
 def edit_command(
-    image: Path = typer.Argument(..., help="Image to edit."),
-    text: Optional[str] = typer.Argument(None, help="Edit text (weight: --beta)."),
+    image: Path = typer.Argument(..., metavar="IMAGE", help="Image to edit."),
+    text: Optional[str] = typer.Argument(None, metavar="TEXT", help="Edit text (weight: --beta)."),
     beta: str = typer.Option("2", "--beta", help="Strength of TEXT's edit."),
     edits: List[str] = typer.Option([], "--edit", metavar="TEXT:BETA", help="More edits (repeatable)."),
     neutral: Optional[str] = typer.Option(None, "--neutral", help="Neutral text: directions become M(t) - M(neutral)."),
