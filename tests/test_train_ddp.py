@@ -30,7 +30,7 @@ def _worker(rank: int, world_size: int, port: int, base: str) -> None:
     from clip2gan_cli.train.config import TrainConfig
     from clip2gan_cli.train.trainer import TrainModels, run_training
 
-    config = TrainConfig(steps=2, batch_size=2, log_every=1, sample_every=2, checkpoint_every=2, device="cpu",
+    config = TrainConfig(steps=1, batch_size=2, log_every=1, sample_every=1, checkpoint_every=1, device="cpu",
                          lpips_net="none", identity="off", num_sample_images=2, mapper_hidden_dim=32,
                          num_workers=0, sample_prompts=["a red circle"])
     models = TrainModels(make_tiny_generator(0), make_tiny_clip(0), make_tiny_discriminator(1))
@@ -53,5 +53,5 @@ def test_two_gloo_processes_stay_in_sync_and_only_rank_0_writes(tmp_path):
     # the ranks did train: the raw weights moved ahead of their slow EMA
     assert any(not torch.equal(tensor, rank0["ema"][name]) for name, tensor in rank0["mapper"].items())
     assert (tmp_path / "run-rank0" / "mapper.safetensors").is_file()
-    assert (tmp_path / "run-rank0" / "checkpoints" / "step-00000002.pt").is_file()
+    assert (tmp_path / "run-rank0" / "checkpoints" / "step-00000001.pt").is_file()
     assert not (tmp_path / "run-rank1").exists()
