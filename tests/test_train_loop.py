@@ -52,7 +52,11 @@ def test_run_writes_the_documented_run_directory(tmp_path, frozen):
     assert {p.name for p in run.iterdir()} >= {"mapper.safetensors", "config.toml", "metrics.jsonl", "samples",
                                                 "checkpoints"}
     assert [step for step, _ in checkpoint_paths(run)] == [2]
-    assert (run / "samples" / "step-00000002.png").is_file()
+    from PIL import Image
+
+    with Image.open(run / "samples" / "step-00000002.png") as sheet:
+        # 2 columns of 16 px tiles: held-out row, reconstruction row, one row for the 2 prompts
+        assert sheet.size == (2 * 18 + 2, 3 * 18 + 2)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
     assert {"loss/rec", "loss/lpips", "loss/adv", "loss/div", "loss/d_gp"} <= set(lines[0])
@@ -262,3 +266,28 @@ def test_trains_on_an_image_folder_mixed_with_generator_samples(tmp_path, frozen
                           log=messages.append)
     assert any("3 images" in m and "(1 unreadable files skipped)" in m for m in messages), messages
     assert result.final_losses["rec"] > 0
+
+
+def test_tensorboard_events_are_written_when_tensorboard_is_importable(tmp_path, frozen, monkeypatch):
+    import sys
+    import types
+
+    written = []
+
+    class RecordingWriter:
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, key, value, step):
+            written.append((key, step))
+
+        def close(self):
+            written.append(("closed", None))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = RecordingWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    run_training(tiny_config(steps=2, lambda_adv=0.0, lpips_net="none"), tmp_path / "run",
+                 models=models_for(frozen, False), progress=False)
+    assert written[0] == ("dir", str(tmp_path / "run" / "tensorboard"))
+    assert ("loss/rec", 1) in written and ("loss/rec", 2) in written and written[-1] == ("closed", None)
