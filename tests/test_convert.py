@@ -425,3 +425,30 @@ def test_package_re_exports_the_loaders():
 
     assert clip2gan_cli.load_generator is convert.load_generator
     assert clip2gan_cli.load_discriminator is convert.load_discriminator
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # the typed storage is what gets pickled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16, torch.int64,
+                                   torch.uint8, torch.bool])
+def test_nested_storage_streams_parse_like_torch(dtype):
+    # Each tensor's storage is a legacy torch.save stream; ours is parsed by hand, never torch.load-ed.
+    from clip2gan_cli.stylegan2.safe_pickle import parse_legacy_storage
+
+    tensor = (torch.arange(-5, 7) * 3).to(dtype)
+    func, (blob,) = tensor.storage().__reduce__()  # what pickle.dumps writes for a tensor's storage
+    assert func is torch.storage._load_from_bytes
+    parsed = parse_legacy_storage(blob)
+    assert parsed.flat.dtype == dtype
+    torch.testing.assert_close(parsed.flat, tensor, rtol=0, atol=0)
+
+
+def test_pickle_with_only_G_uses_it(tmp_path, nvidia_small):
+    from _nvidia_pickles import build_tree, default_attributes, dumps_with_stand_ins
+
+    g_state = _split(nvidia_small, "G.")
+    tree = build_tree(g_state, "generator", default_attributes(g_state, "generator"))
+    path = tmp_path / "legacy-G-only.pkl"
+    path.write_bytes(dumps_with_stand_ins({"G": tree, "D": None}, protocol=3))
+    G = convert.load_generator(path, device="cpu", backend="reference")
+    with torch.no_grad():
+        assert_close("out.ws.psi1", G.mapping(nvidia_small["in.z"]), nvidia_small["out.ws.psi1"])
