@@ -202,3 +202,19 @@ def test_very_long_prompt_is_truncated_with_a_warning(cli_runner, tiny_pack, tmp
         result = _generate(cli_runner, tiny_pack, tmp_path, prompt.strip(), "-n", "1", "--json", "--no-grid")
     assert result.exit_code == 0, result.stderr
     assert len(json.loads(result.stdout)["path"].rsplit("/", 1)[1]) < 80
+
+
+def test_face_pack_loads_its_identity_net_from_the_registered_file(tiny_pack, tmp_path):
+    from facenet_pytorch import InceptionResnetV1
+
+    from clip2gan_cli.packs import load_pack
+
+    reference = InceptionResnetV1(pretrained=None, classify=False)
+    state = {**reference.state_dict(), "logits.weight": torch.zeros(3, 512), "logits.bias": torch.zeros(3)}
+    torch.save(state, tmp_path / "vggface2.pt")  # the release file carries a classifier head too
+    register_tiny_pack(tiny_pack, "tinyface", identity=str(tmp_path / "vggface2.pt"))
+    pack = load_pack("tinyface", device="cpu")
+    assert pack.is_face_pack
+    identity = pack.load_identity()
+    assert not identity.training and not any(p.requires_grad for p in identity.parameters())
+    torch.testing.assert_close(identity.state_dict()["last_linear.weight"], reference.state_dict()["last_linear.weight"])
