@@ -37,7 +37,7 @@ from ..errors import CheckpointError, OutputError, TrainingError, UserInputError
 from ..fileutil import atomic_path, atomic_write_text, ensure_writable_dir
 from ..mapper import Mapper, check_compatible, perturb_clip_features, save_mapper
 from . import losses as L
-from .config import TrainConfig, load_config, load_run_config
+from .config import TrainConfig
 from .data import STREAM_D_INIT, STREAM_GP, STREAM_NOISE, SyntheticSource, build_batches, step_generator
 
 CHECKPOINT_FORMAT = "clip2gan-train-v1"
@@ -800,5 +800,4 @@ def _reduce_for_logging(values: dict[str, torch.Tensor], dist_ctx: DistributedCo
 
 
 __all__ = ["TrainModels", "TrainResult", "run_training", "build_models", "clip_sources", "save_checkpoint",
-           "load_latest_checkpoint", "write_sample_sheet", "update_ema", "mapper_losses", "load_config",
-           "load_run_config", "export_local_pack"]
+           "load_latest_checkpoint", "write_sample_sheet", "update_ema", "mapper_losses", "export_local_pack"]
