@@ -139,3 +139,16 @@ def test_pack_without_mapper(cli_runner, tmp_path, input_image):
 def test_device_cuda_without_cuda(cli_runner, tiny_pack, tmp_path, input_image):
     result = _edit(cli_runner, tiny_pack, tmp_path / "out", input_image, "blue", "--device", "cuda")
     assert_one_line_error(result, "CUDA is not available")
+
+
+def test_face_packs_align_by_default_and_no_align_skips_it(cli_runner, tiny_pack, tmp_path):
+    from facenet_pytorch import InceptionResnetV1
+
+    torch.save(InceptionResnetV1(pretrained=None, classify=False).state_dict(), tmp_path / "id.pt")
+    register_tiny_pack(tiny_pack, "tinyface", identity=str(tmp_path / "id.pt"))
+    flat = tmp_path / "flat.png"
+    Image.new("RGB", (64, 64), (20, 120, 220)).save(flat)
+    result = cli_runner(["edit", flat, "blue", "--pack", "tinyface", "--out", tmp_path / "out"])
+    assert_one_line_error(result, "no face found", "use --no-align")
+    result = cli_runner(["edit", flat, "blue", "--pack", "tinyface", "--no-align", "--out", tmp_path / "out"])
+    assert result.exit_code == 0, result.stderr
