@@ -119,3 +119,14 @@ def test_sample_sheet_images_are_held_out_of_training_when_the_folder_is_large_e
     assert batches.held_out(2, torch.device("cpu")).shape == (2, 3, 8, 8)
     small, _ = build_batches(str(tmp_path), resolution=8, batch_size=2, seed=0, synthetic=None, held_out=4)
     assert len(small.folder) == 8 and small.held_out_folder is None  # too few images to spare 4
+
+
+def test_an_image_corrupt_past_its_header_is_replaced_and_counted(tmp_path):
+    write_image(tmp_path / "a.png", size=(32, 32), color=(0, 0, 255))
+    write_image(tmp_path / "b.png", size=(32, 32), color=(0, 255, 0))
+    (tmp_path / "a.png").write_bytes((tmp_path / "a.png").read_bytes()[:60])  # header intact, pixels cut
+    dataset = ImageFolderDataset(scan_image_folder(tmp_path), resolution=8)
+    assert len(dataset) == 2  # the header scan cannot tell
+    first = dataset[0]
+    assert dataset.decode_failures == 1
+    assert torch.equal(first, dataset[1])  # the next readable image stands in

@@ -41,8 +41,10 @@ class ScanReport:
 def scan_image_folder(root: str | os.PathLike) -> ScanReport:
     """Find readable images (jpg/png/webp, recursive, sorted) under `root`.
 
-    Each file's header is opened with PIL; files that fail are skipped and counted. An empty folder
-    or one with no readable image raises UserInputError saying how many files were skipped.
+    Each file's header is read with PIL (not its pixels, which would take hours for a large set);
+    files that fail, or fall outside imageio's size limits, are skipped and counted. A file whose
+    pixels turn out corrupt later is replaced at load time (ImageFolderDataset). An empty folder or
+    one with no readable image raises UserInputError saying how many files were skipped.
     """
     from PIL import Image
 
@@ -57,9 +59,8 @@ def scan_image_folder(root: str | os.PathLike) -> ScanReport:
     readable, skipped = [], []
     for path in candidates:
         try:
-            with Image.open(path) as image:
+            with Image.open(path) as image:  # header only: a 70k-image folder scans in seconds
                 width, height = image.size
-                image.verify()  # checks the header/structure without decoding all pixels for jpg
             if min(width, height) < MIN_SIDE or width * height > MAX_PIXELS:
                 raise ValueError("outside imageio's size limits")
             readable.append(path)
