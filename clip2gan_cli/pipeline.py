@@ -108,8 +108,8 @@ def generate(generator, clip, mapper, texts: Sequence[str], n: int = 8, seed: in
     `-n 8` (up to float rounding of the batched matrix products).
     """
     texts = validate_prompts(texts)
-    if n < 1:
-        raise UserInputError(f"-n must be at least 1, got {n}")
+    if n < 1 or batch_size < 1:
+        raise UserInputError(f"-n and the batch size must be at least 1, got {n} and {batch_size}")
     mode, strength = feature_noise or (mapper.config.noise_mode, mapper.config.noise_strength)
     with torch.no_grad():
         text_features = clip.encode_text(texts).to(mapper.w_offset.device)      # [P, D]

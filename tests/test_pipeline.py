@@ -59,8 +59,10 @@ def test_truncation_zero_collapses_to_the_average_latent(tiny_models):
     assert torch.equal(result.images[0], result.images[2])
 
 
-@pytest.mark.parametrize("texts, n, message", [([], 1, "no prompt"), ([""], 1, "empty prompt"),
-                                               (["  "], 1, "empty prompt"), (["a red circle"], 0, "-n")])
+@pytest.mark.parametrize("texts, n, message", [
+    ([], 1, "no prompt"), ([""], 1, "empty prompt"), (["  "], 1, "empty prompt"),
+    (["a red circle"], 0, "-n and the batch size"),
+])
 def test_generate_rejects_bad_requests(tiny_models, texts, n, message):
     with pytest.raises(UserInputError, match=message):
         _generate(tiny_models, texts, n=n)
