@@ -87,7 +87,7 @@ def train_checker(steps: int = 1500, batch: int = 128, seed: int = 1, log=print)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if (step + 1) % 250 == 0:
+        if (step + 1) % 50 == 0:
             log(f"checker step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
     model.eval()
     return model
@@ -132,7 +132,13 @@ def summarize(predictions: dict[str, torch.Tensor], wanted: list[dict]) -> dict[
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "work_shapes/checker.pt")
-    checker = load_or_train_checker(out)
-    print(checker_accuracy(checker))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train (or load) the shapes attribute checker.")
+    parser.add_argument("path", type=Path, nargs="?", default=Path("work_shapes/checker.pt"))
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    checker = load_or_train_checker(args.path, steps=args.steps, log=lambda m: print(m, flush=True))
+    print(checker_accuracy(checker), flush=True)

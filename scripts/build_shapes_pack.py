@@ -1,0 +1,177 @@
+"""Rebuild the builtin `shapes` pack from a seed, stage by stage, resuming where it stopped.
+
+Stages (each resumable; finished stages are skipped on the next run):
+  1. clip      tiny open_clip CLIP, contrastive on (image, caption) pairs   scripts/shapes_clip.py
+  2. checker   independent attribute CNN (monitoring and bench only)        scripts/shapes_checker.py
+  3. gan       StyleGAN2 G + D: decoder, mapping code, adversarial stages   scripts/shapes_gan.py
+  4. export    generator/discriminator/CLIP into the pack directory
+  5. mapper    `clip2gan train --pack shapes --data synthetic` (the user code path), then
+               mapper.safetensors into the pack directory
+Each stage's wall time is added to `build_times.json` beside the weights (and to the work
+directory's `build_state.json`, which is what resuming reads).
+
+The perceptual term: LPIPS's pretrained AlexNet cannot be downloaded offline, so the mapper is
+trained with `lpips_backbone=random` (a seeded random AlexNet trunk: on flat-colour 32 px images
+its features still compare local edges and colours, which is what a perceptual term adds to L2).
+
+Usage: python scripts/build_shapes_pack.py [--workdir work_shapes] [--pack-dir clip2gan_cli/packs/shapes]
+       [--clip-minutes 50] [--gan-decoder-minutes 55] [--gan-adversarial-minutes 25] [--mapper-steps 1500]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from clip2gan_cli.fileutil import atomic_path  # noqa: E402
+
+STAGES = ("clip", "checker", "gan", "export", "mapper")
+
+
+class BuildState:
+    """Which stages are done and how long each took (JSON in the work directory)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+
+    def done(self, stage: str) -> bool:
+        return bool(self.data["stages"].get(stage, {}).get("done"))
+
+    def record(self, stage: str, seconds: float, done: bool, **extra) -> None:
+        entry = self.data["stages"].setdefault(stage, {"seconds": 0.0})
+        entry["seconds"] = round(entry.get("seconds", 0.0) + seconds, 1)
+        entry["done"] = done
+        entry.update(extra)
+        with atomic_path(self.path) as tmp:
+            Path(tmp).write_text(json.dumps(self.data, indent=2) + "\n")
+
+    def times(self) -> dict:
+        return {stage: entry.get("seconds", 0.0) for stage, entry in self.data["stages"].items()}
+
+
+def stage_clip(args, log) -> dict:
+    from shapes_clip import train
+
+    return {"zero_shot": train(args.workdir, args.clip_minutes, batch=128, lr=1e-3, seed=args.seed, threads=args.threads)}
+
+
+def stage_checker(args, log) -> dict:
+    from shapes_checker import checker_accuracy, load_or_train_checker
+
+    checker = load_or_train_checker(args.workdir / "checker.pt", steps=args.checker_steps, log=log)
+    return {"real_accuracy": checker_accuracy(checker, n=1000)}
+
+
+def stage_gan(args, log) -> dict:
+    import torch
+    from shapes_gan import STAGES as GAN_STAGES
+    from shapes_gan import GanRecipe, ShapesGanTrainer
+
+    torch.set_num_threads(args.threads)
+    trainer = ShapesGanTrainer(args.workdir, GanRecipe(), seed=args.seed, log=log)
+    minutes = (args.gan_decoder_minutes, args.gan_mapping_minutes, args.gan_adversarial_minutes)
+    for gan_stage, budget in zip(GAN_STAGES, minutes):
+        trainer.run_stage(gan_stage, budget)
+    return {"progress": trainer.progress}
+
+
+def stage_export(args, log) -> dict:
+    import torch
+    from shapes_gan import GanRecipe, ShapesGanTrainer
+
+    torch.set_num_threads(args.threads)
+    trainer = ShapesGanTrainer(args.workdir, GanRecipe(), seed=args.seed, log=log)
+    args.pack_dir.mkdir(parents=True, exist_ok=True)
+    written = list(trainer.export(args.pack_dir))
+    for name in ("clip.safetensors", "clip_config.json"):
+        source = args.workdir / "clip_export" / name
+        with atomic_path(args.pack_dir / name) as tmp:
+            shutil.copyfile(source, tmp)
+        written.append(args.pack_dir / name)
+    return {"files": [str(p) for p in written]}
+
+
+def stage_mapper(args, log) -> dict:
+    run_dir = args.workdir / "mapper_run"
+    command = [sys.executable, "-m", "clip2gan_cli", "train"]
+    if (run_dir / "config.toml").exists() or any(run_dir.glob("checkpoint*")):
+        command += ["--resume", str(run_dir)]
+    else:
+        command += ["--pack", "shapes", "--data", "synthetic", "--out", str(run_dir), "--seed", str(args.seed),
+                    "--device", "cpu", "--set", "lpips_backbone=random", "--set", f"batch_size={args.mapper_batch}",
+                    "--set", f"lr={args.mapper_lr}", "--set", f"mapper_hidden_dim={args.mapper_hidden}",
+                    "--set", "checkpoint_every=100", "--set", "sample_every=200", "--set", "log_every=20",
+                    "--set", "num_sample_images=4",
+                    "--set", 'sample_prompts=["a red circle", "a blue square", "a green triangle", "a yellow cross"]']
+    command += ["--steps", str(args.mapper_steps)]
+    log("running: " + " ".join(command))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CLIP2GAN_OFFLINE="1")
+    subprocess.run(command, check=True, cwd=REPO, env=env)
+    with atomic_path(args.pack_dir / "mapper.safetensors") as tmp:
+        shutil.copyfile(run_dir / "mapper.safetensors", tmp)
+    return {"run_dir": str(run_dir)}
+
+
+RUNNERS = {"clip": stage_clip, "checker": stage_checker, "gan": stage_gan, "export": stage_export,
+           "mapper": stage_mapper}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Rebuild the builtin shapes pack (resumable, stage by stage).")
+    parser.add_argument("--workdir", type=Path, default=REPO / "work_shapes")
+    parser.add_argument("--pack-dir", type=Path, default=REPO / "clip2gan_cli" / "packs" / "shapes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clip-minutes", type=float, default=50.0)
+    parser.add_argument("--checker-steps", type=int, default=300)
+    parser.add_argument("--gan-decoder-minutes", type=float, default=55.0)
+    parser.add_argument("--gan-mapping-minutes", type=float, default=4.0)
+    parser.add_argument("--gan-adversarial-minutes", type=float, default=25.0)
+    parser.add_argument("--mapper-steps", type=int, default=1500)
+    parser.add_argument("--mapper-batch", type=int, default=16)
+    parser.add_argument("--mapper-lr", type=float, default=3e-4)
+    parser.add_argument("--mapper-hidden", type=int, default=256)
+    parser.add_argument("--only", choices=STAGES, action="append", help="run only these stages (repeatable)")
+    parser.add_argument("--redo", choices=STAGES, action="append", default=[], help="run these even if done")
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    state = BuildState(args.workdir / "build_state.json")
+    build_start = time.time()
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')} +{(time.time() - build_start) / 60:5.1f} min] {message}", flush=True)
+
+    for index, stage in enumerate(STAGES, 1):
+        if args.only and stage not in args.only:
+            continue
+        if state.done(stage) and stage not in args.redo:
+            log(f"[{index}/{len(STAGES)}] {stage}: done earlier ({state.times().get(stage, 0) / 60:.1f} min), skipped")
+            continue
+        log(f"[{index}/{len(STAGES)}] {stage}: starting")
+        start = time.time()
+        try:
+            extra = RUNNERS[stage](args, log)
+        except BaseException:
+            state.record(stage, time.time() - start, done=False)  # the time spent still counts when resumed
+            raise
+        state.record(stage, time.time() - start, done=True, **{k: v for k, v in extra.items() if k != "progress"})
+        log(f"[{index}/{len(STAGES)}] {stage}: finished in {(time.time() - start) / 60:.1f} min")
+    times = {"stage_seconds": state.times(), "total_seconds": round(sum(state.times().values()), 1),
+             "seed": args.seed, "threads": args.threads}
+    with atomic_path(args.pack_dir / "build_times.json") as tmp:
+        Path(tmp).write_text(json.dumps(times, indent=2) + "\n")
+    log(f"pack in {args.pack_dir}: {json.dumps(times['stage_seconds'])}")
+
+
+if __name__ == "__main__":
+    main()

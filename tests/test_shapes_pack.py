@@ -1,0 +1,141 @@
+"""The shapes pack: its CLIP exports load through clip.py, the training recipes' pieces behave,
+and the shipped weights generate the requested colour and shape offline on the CPU."""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clip2gan_cli.packs import shapes
+from clip2gan_cli.packs.shapes import data
+from clip2gan_cli.tokenizer import VocabTokenizer
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import shapes_clip  # noqa: E402
+import shapes_gan  # noqa: E402
+
+
+def test_caption_match_matrix_counts_every_consistent_image_as_a_positive():
+    attributes = [dict(shape="circle", color="red", size="small", background="black"),
+                  dict(shape="circle", color="blue", size="large", background="white"),
+                  dict(shape="square", color="red", size="large", background="black")]
+    captions = ["a red circle", "a circle on white", "a large red square on a black background", "red"]
+    match = shapes_clip.caption_match_matrix(attributes, captions)
+    expected = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(match, expected)
+
+
+def test_soft_contrastive_loss_prefers_aligned_features():
+    match = torch.eye(4, dtype=torch.bool)
+    features = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    aligned = shapes_clip.soft_contrastive_loss(features, features, torch.tensor(10.0), match)
+    shuffled = shapes_clip.soft_contrastive_loss(features, features.roll(1, 0), torch.tensor(10.0), match)
+    assert aligned < shuffled
+
+
+@pytest.mark.slow
+def test_exported_clip_loads_through_clip_py_and_warns_naming_known_words(tmp_path):
+    from clip2gan_cli.clip import load_clip_from_config_file
+
+    tokenizer = VocabTokenizer(data.vocabulary(), context_length=shapes_clip.CONTEXT_LENGTH)
+    config = shapes_clip.pack_clip_config(tokenizer)
+    torch.manual_seed(0)
+    model = shapes_clip.build_clip(config).eval()
+    shapes_clip.export_clip(model, tokenizer, tmp_path)
+    clip = load_clip_from_config_file(tmp_path / "clip_config.json", device="cpu")
+    images, _ = data.sample(2, seed=0)
+    expected = torch.nn.functional.normalize(
+        model.half().float().encode_image(shapes_clip.images_to_clip_input(images)), dim=-1)
+    got = clip.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert torch.allclose(got, expected, atol=1e-4)  # same preprocessing as in training
+    with pytest.warns(UserWarning, match="purple.*knows: a, on"):
+        clip.encode_text(["a purple circle"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert clip.encode_text(["a red circle"]).shape == (1, 128)
+
+
+def test_attribute_code_of_z_is_uniform_over_the_domain():
+    z = torch.randn(20000, 32, generator=torch.Generator().manual_seed(0))
+    codes = shapes_gan.attributes_from_z(z)
+    for key, classes in (("shape", len(data.SHAPES)), ("color", len(data.COLORS)), ("size", 2), ("background", 2)):
+        share = torch.bincount(codes[key], minlength=classes).float() / len(z)
+        assert (share - 1 / classes).abs().max() < 0.02, key
+    offset = codes["position"] - data.RESOLUTION / 2
+    assert offset.abs().max() <= data.JITTER and offset.std() > data.JITTER / 3
+
+
+def test_attribute_code_ignores_the_scale_of_z():
+    z = torch.randn(64, 32)
+    a, b = shapes_gan.attributes_from_z(z), shapes_gan.attributes_from_z(3 * z)
+    assert all(torch.equal(a[k], b[k]) for k in ("shape", "color", "size", "background"))
+
+
+def test_rendered_codes_match_the_domain_renderer():
+    codes = shapes_gan.random_codes(3, torch.Generator().manual_seed(1))
+    images = shapes_gan.render_codes(codes)
+    first = data.render(data.SHAPES[codes["shape"][0]], list(data.COLORS)[codes["color"][0]],
+                        list(data.SIZES)[codes["size"][0]], list(data.BACKGROUNDS)[codes["background"][0]],
+                        x=float(codes["position"][0, 0]), y=float(codes["position"][0, 1]))
+    assert images.shape == (3, 3, 32, 32)
+    assert torch.allclose(images[0], torch.from_numpy(first).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_diff_augment_moves_and_masks_pixels_but_never_recolours():
+    images = shapes_gan.render_codes(shapes_gan.random_codes(8, torch.Generator().manual_seed(2)))
+    augmented = shapes_gan.diff_augment(images, translate_px=3, cutout=0.25)
+    assert augmented.shape == images.shape
+    source_colours = {tuple(c) for c in images.permute(0, 2, 3, 1).reshape(-1, 3).tolist()}
+    for colour in {tuple(c) for c in augmented.permute(0, 2, 3, 1).reshape(-1, 3).tolist()}:
+        assert colour in source_colours or colour == (0.0, 0.0, 0.0)
+
+
+def test_gan_trainer_runs_each_stage_checkpoints_resumes_and_exports(tmp_path):
+    recipe = shapes_gan.GanRecipe(batch=4, g_channels={4: 8, 8: 8, 16: 8, 32: 8},
+                                  d_channels={4: 8, 8: 8, 16: 8, 32: 8}, r1_interval=2)
+    trainer = shapes_gan.ShapesGanTrainer(tmp_path, recipe, log=lambda m: None)
+    assert np.isfinite(trainer.decoder_step()) and np.isfinite(trainer.mapping_step())
+    for step in range(2):
+        losses = trainer.adversarial_step(step)
+        assert all(np.isfinite(v) for v in losses.values()) and losses["r1"] >= 0
+    trainer.progress["decoder"]["steps"] = 7
+    trainer.save()
+    resumed = shapes_gan.ShapesGanTrainer(tmp_path, recipe, log=lambda m: None)
+    assert resumed.progress["decoder"]["steps"] == 7
+    assert all(torch.equal(a, b) for a, b in zip(resumed.G.parameters(), trainer.G.parameters()))
+    g_path, d_path = resumed.export(tmp_path / "pack")
+    from clip2gan_cli.stylegan2.convert import load_discriminator, load_generator
+
+    generator = load_generator(str(g_path), device="cpu", backend="reference")
+    assert generator(torch.randn(2, recipe.z_dim)).shape == (2, 3, 32, 32)
+    assert load_discriminator(str(d_path), device="cpu", backend="reference")(torch.zeros(2, 3, 32, 32)).shape == (2, 1)
+
+
+def test_shipped_pack_is_complete_and_small():
+    assert shapes.missing_weight_files() == []
+    total = sum((shapes.PACK_DIR / name).stat().st_size for name in shapes.WEIGHT_FILES)
+    assert total <= 20 * 1024 * 1024
+
+
+@pytest.mark.slow
+def test_shipped_pack_generates_the_prompted_colour_offline_on_cpu(monkeypatch):
+    from clip2gan_cli.packs import load_pack
+    from clip2gan_cli.pipeline import generate
+
+    monkeypatch.setenv("CLIP2GAN_OFFLINE", "1")
+    pack = load_pack(device="cpu")
+    result = generate(pack.generator, pack.clip, pack.mapper, ["a red circle", "a blue square"], n=4, seed=0)
+    images = result.images
+    assert images.shape == (8, 3, 32, 32)
+    # The dominant non-background hue of each image: red-ish for the first prompt, blue-ish for the second.
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).reshape(8, -1, 3)
+    saturated = (pixels.max(-1).values - pixels.min(-1).values) > 100
+    mean_colour = torch.stack([pixels[i][saturated[i]].mean(0) for i in range(8)])
+    assert (mean_colour[:4, 0] > mean_colour[:4, 2]).float().mean() >= 0.75
+    assert (mean_colour[4:, 2] > mean_colour[4:, 0]).float().mean() >= 0.75
