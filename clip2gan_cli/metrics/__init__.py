@@ -159,7 +159,7 @@ def _generated_set(config: EvalConfig, prompts: list[str], pack, space, warn: Ca
 def evaluate(config: EvalConfig, warn: Callable[[str], None] = _warn) -> dict:
     """Compute FID (and KID, CLIP score, diversity) as configured; returns the JSON-able report.
 
-    Keys: `fid`, `features`, `feature_weights_sha256`, `n_real`, `n_fake`, `n_real_skipped`,
+    Keys: `fid` (FD_CLIP when `features` is "clip"), `features`, `feature_weights_sha256`, `n_real`, `n_fake`, `n_real_skipped`,
     `n_fake_skipped`, `real_stats_cached`, `seed`, `versions`, and where computed `kid_mean`, `kid_std`,
     `kid_subset_size`, `kid_subsets`, `clip_score`, `diversity_lpips` (or `diversity_l1` with
     `diversity_note`), `n_prompts`, `images_per_prompt`.
