@@ -1,0 +1,194 @@
+"""Benchmark StyleGAN2 synthesis: reference vs fused ops backend, side by side.
+
+    .venv/bin/python bench/generator.py            # 256 and 1024, batch 1 and 8
+    .venv/bin/python bench/generator.py --quick    # batch 1 only, fewer repetitions
+    .venv/bin/python bench/generator.py --resolutions 256 --batches 1 --reps 5 --dtype float16 --device cuda
+
+Config-f generators with random weights (256: channel_base 16384, 1024: channel_base 32768),
+`noise_mode='const'`, no autograd. Speed: both backends run in ONE process on one generator and
+alternate every repetition, so machine load hits both alike (the ratio is the number to trust on
+a shared machine). Memory: each (case, backend) also runs once in a fresh subprocess; on CPU it
+reports peak RSS and the growth of RSS during one synthesis (resource.getrusage maxrss minus the
+RSS before the call), on CUDA torch.cuda.max_memory_allocated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CHANNEL_BASE = {256: 16384, 1024: 32768}  # config-f: paper256 for 256 px, channel_base 32768 at 1024
+BACKENDS = ("reference", "fused")
+
+
+def _channel_base(resolution: int) -> int:
+    return CHANNEL_BASE.get(resolution, 32768 if resolution > 256 else 16384)
+
+
+def _build(resolution: int, batch: int, device: str, dtype_name: str):
+    """Generator (reference backend, seed 0) and a fixed W+ batch on `device` in `dtype`."""
+    import torch
+
+    from clip2gan_cli.stylegan2 import build_generator
+
+    dtype = getattr(torch, dtype_name)
+    G = build_generator(resolution, channel_base=_channel_base(resolution), backend="reference", seed=0)
+    G = G.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    z = torch.randn([batch, G.z_dim], generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        ws = G.mapping(z)
+    return G, ws
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process in MB (Linux /proc)."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def memory_worker(resolution: int, batch: int, backend: str, device: str, dtype_name: str) -> dict:
+    """One synthesis in this (fresh) process; peak memory as seen by the OS or the CUDA allocator."""
+    import torch
+
+    G, ws = _build(resolution, batch, device, dtype_name)
+    G.set_backend(backend)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            G.synthesis(ws, noise_mode="const")
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_mb": peak / 2 ** 20, "growth_mb": (peak - base) / 2 ** 20}
+    rss_before = _rss_mb()
+    with torch.no_grad():
+        G.synthesis(ws, noise_mode="const")
+    peak = _maxrss_mb()
+    return {"peak_mb": peak, "growth_mb": max(0.0, peak - rss_before)}
+
+
+def measure_memory(resolution: int, batch: int, backend: str, device: str, dtype_name: str) -> dict:
+    """Run `memory_worker` in a subprocess (maxrss is a per-process high-water mark)."""
+    command = [sys.executable, os.path.abspath(__file__), "--memory-worker", f"{resolution},{batch},{backend}",
+               "--device", device, "--dtype", dtype_name]
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure_speed(resolution: int, batch: int, reps: int, device: str, dtype_name: str) -> dict:
+    """Seconds per synthesis for each backend, alternating backends every repetition (one process)."""
+    import torch
+
+    G, ws = _build(resolution, batch, device, dtype_name)
+    times = {backend: [] for backend in BACKENDS}
+    max_diff = 0.0
+    with torch.no_grad():
+        outputs = {}
+        for backend in BACKENDS:  # warm-up (first-call allocations, fused self-check) and agreement
+            G.set_backend(backend)
+            outputs[backend] = G.synthesis(ws, noise_mode="const").float()
+        max_diff = (outputs["fused"] - outputs["reference"]).abs().max().item()
+        ref_max = outputs["reference"].abs().max().item()
+        del outputs
+        for rep in range(reps):
+            order = BACKENDS if rep % 2 == 0 else BACKENDS[::-1]  # neither backend always runs first
+            for backend in order:
+                G.set_backend(backend)
+                _sync(device)
+                start = time.perf_counter()
+                G.synthesis(ws, noise_mode="const")
+                _sync(device)
+                times[backend].append(time.perf_counter() - start)
+    return {"times": times, "max_diff": max_diff, "ref_max": ref_max}
+
+
+def _format_row(resolution, batch, speed, memory) -> str:
+    cells = [f"{resolution:>5d} {batch:>5d}"]
+    medians = {}
+    for backend in BACKENDS:
+        median = statistics.median(speed["times"][backend])
+        medians[backend] = median
+        mem = memory.get(backend, {})
+        mem_text = (f"{mem['peak_mb']:7.0f} {mem['growth_mb']:7.0f}" if "peak_mb" in mem
+                    else f"{'n/a':>7s} {'n/a':>7s}")
+        cells.append(f"{median / batch * 1e3:9.1f} {batch / median:7.2f} {mem_text}")
+    ratio = medians["reference"] / medians["fused"]
+    mins = {b: min(speed["times"][b]) for b in BACKENDS}
+    cells.append(f"{ratio:6.2f}x {mins['reference'] / mins['fused']:6.2f}x  {speed['max_diff']:.1e}")
+    return " | ".join(cells)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolutions", type=lambda s: [int(v) for v in s.split(",")], default=[256, 1024])
+    parser.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                        help="comma-separated batch sizes (default 1,8; --quick: 1)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per backend (default 5; --quick: 3)")
+    parser.add_argument("--quick", action="store_true", help="batch 1 only and fewer repetitions")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-case memory subprocesses")
+    parser.add_argument("--json", default=None, help="also write the raw results to this JSON file")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 (TF32 would blur the comparison)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    elif args.dtype != "float32":
+        parser.error("on CPU only --dtype float32 is benchmarked")
+    if args.memory_worker:
+        resolution, batch, backend = args.memory_worker.split(",")
+        print(json.dumps(memory_worker(int(resolution), int(batch), backend, args.device, args.dtype)))
+        return 0
+
+    batches = args.batches or ([1] if args.quick else [1, 8])
+    reps = args.reps or (3 if args.quick else 5)
+    threads = torch.get_num_threads()
+    print(f"StyleGAN2 synthesis, config-f, random weights, noise_mode=const, {args.dtype}, device={args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else f" ({threads} threads)")
+          + f", torch {torch.__version__}, {reps} alternating reps, median")
+    print("  res batch |  reference: ms/img   img/s  peakMB   +MB |      fused: ms/img   img/s  peakMB   +MB "
+          "|  ratio  (min)  max|diff|")
+    results = []
+    for resolution in args.resolutions:
+        for batch in batches:
+            speed = measure_speed(resolution, batch, reps, args.device, args.dtype)
+            memory = {} if args.no_memory else {
+                backend: measure_memory(resolution, batch, backend, args.device, args.dtype) for backend in BACKENDS}
+            print(_format_row(resolution, batch, speed, memory), flush=True)
+            results.append({"resolution": resolution, "batch": batch, "channel_base": _channel_base(resolution),
+                            "device": args.device, "dtype": args.dtype, "threads": threads, **speed,
+                            "memory": memory})
+    print("ratio = reference median / fused median (higher is better for fused); +MB = growth during one call")
+    if args.json:
+        from clip2gan_cli.fileutil import atomic_write_text
+        atomic_write_text(args.json, json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
