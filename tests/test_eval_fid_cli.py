@@ -129,6 +129,14 @@ def test_missing_real_folder(cli_runner, tmp_path, tiny_pack_files):
                                                       *clip_args(tiny_pack_files)])
 
 
+def test_missing_folder_is_reported_before_any_weights_are_fetched(cli_runner, tmp_path, monkeypatch):
+    from clip2gan_cli import weights
+
+    monkeypatch.setattr(weights, "fetch", lambda *a, **k: pytest.fail("fetched weights before checking folders"))
+    fake = write_noise_images(tmp_path / "fake", 3, seed=0)
+    assert "does not exist" in run_error(cli_runner, ["--real", tmp_path / "nope", "--fake", fake])
+
+
 def test_empty_fake_folder(cli_runner, folders, tmp_path, tiny_pack_files):
     (tmp_path / "empty").mkdir()
     real, _ = folders

@@ -168,7 +168,10 @@ def evaluate(config: EvalConfig, warn: Callable[[str], None] = _warn) -> dict:
     from . import fid
 
     validate_config(config)
-    # A bad prompts file fails here, before any model is loaded.
+    # Bad folders or a bad prompts file fail here, before any weights are fetched or models loaded.
+    fid.list_image_files(config.real)
+    if config.fake is not None:
+        fid.list_image_files(config.fake)
     prompts = read_prompts_file(config.prompts) if config.prompts is not None else None
     device = resolve_device(config.device)
     if device.type == "cuda":
