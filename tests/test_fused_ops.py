@@ -213,6 +213,18 @@ def test_weight_cache_entries_die_with_their_weights():
     assert len(fused._derived_cache) <= baseline + 2  # temporary weights leave nothing behind
 
 
+def test_inference_mode_then_training_through_a_frozen_weight():
+    # Nothing derived under inference_mode may be reused where autograd has to save it.
+    weight, styles = _randn(8, 8, 3, 3), _randn(1, 8) + 1
+    with torch.inference_mode():
+        fused.modulated_conv2d(_randn(1, 8, 4, 4), weight, styles, up=2, padding=1, resample_filter=FIR,
+                               flip_weight=False)
+    x = _randn(1, 8, 4, 4).requires_grad_()
+    y = fused.modulated_conv2d(x, weight, styles, up=2, padding=1, resample_filter=FIR, flip_weight=False)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_frozen_weights_still_give_gradients_to_styles_and_inputs():
     # CLIP2GAN trains through a frozen G: weights without grad (cached), gradients to styles and x.
     weight = _randn(8, 8, 3, 3)

@@ -280,8 +280,8 @@ def _derived(weight, tag: tuple, make, allowed: bool = True):
 
     Only when no autograd graph to `weight` is needed; the weakref check makes a reused id() a miss.
     """
-    if not allowed or (torch.is_grad_enabled() and weight.requires_grad):
-        return make()
+    if not allowed or (torch.is_grad_enabled() and weight.requires_grad) or torch.is_inference_mode_enabled():
+        return make()  # (inference tensors could not be saved for a later backward pass)
     try:
         version = weight._version
     except RuntimeError:  # inference-mode tensors have no version counter: do not cache them
