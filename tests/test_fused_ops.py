@@ -197,6 +197,7 @@ def test_weight_cache_follows_in_place_weight_updates():
             kwargs = dict(up=up, padding=1, resample_filter=FIR, flip_weight=(up == 1))
             first = fused.modulated_conv2d(x, weight, styles, **kwargs)
             assert_close(first, reference.modulated_conv2d(x, weight, styles, **kwargs), "before update")
+            assert any(entry[0]() is weight for entry in fused._derived_cache.values())  # cached
             weight.mul_(-0.5).add_(0.1)  # what an optimizer step or load_state_dict does
             second = fused.modulated_conv2d(x, weight, styles, **kwargs)
             assert_close(second, reference.modulated_conv2d(x, weight, styles, **kwargs), "after update")
@@ -215,21 +216,21 @@ def test_weight_cache_entries_die_with_their_weights():
 
 def test_inference_mode_then_training_through_a_frozen_weight():
     # Nothing derived under inference_mode may be reused where autograd has to save it.
-    weight, styles = _randn(8, 8, 3, 3), _randn(1, 8) + 1
+    weight, styles = _randn(16, 16, 3, 3), _randn(1, 16) + 1  # big weight, small map: the caching path
     with torch.inference_mode():
-        fused.modulated_conv2d(_randn(1, 8, 4, 4), weight, styles, up=2, padding=1, resample_filter=FIR,
+        fused.modulated_conv2d(_randn(1, 16, 2, 2), weight, styles, up=2, padding=1, resample_filter=FIR,
                                flip_weight=False)
-    x = _randn(1, 8, 4, 4).requires_grad_()
+    x, styles = _randn(1, 16, 2, 2).requires_grad_(), styles.clone().requires_grad_()
     y = fused.modulated_conv2d(x, weight, styles, up=2, padding=1, resample_filter=FIR, flip_weight=False)
     y.sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(styles.grad).all()
 
 
 def test_frozen_weights_still_give_gradients_to_styles_and_inputs():
     # CLIP2GAN trains through a frozen G: weights without grad (cached), gradients to styles and x.
-    weight = _randn(8, 8, 3, 3)
-    x = _randn(1, 8, 4, 4).requires_grad_()
-    styles = (_randn(1, 8) + 1).requires_grad_()
+    weight = _randn(16, 16, 3, 3)  # big weight, small map: the path that caches weight-derived tensors
+    x = _randn(1, 16, 2, 2).requires_grad_()
+    styles = (_randn(1, 16) + 1).requires_grad_()
     for _ in range(2):  # the second call hits the cache
         assert_backends_agree("modulated_conv2d", {"x": x, "weight": weight, "styles": styles}, up=2, padding=1,
                               resample_filter=FIR, flip_weight=False)
