@@ -252,7 +252,8 @@ def _randomize(module, seed=0):
     with torch.no_grad():
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
             if "resample_filter" not in name:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5 + (1.0 if "affine.bias" in name else 0))
+                offset = 1.0 if "affine.bias" in name else 0.0  # styles around 1, as in trained networks
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5 + offset)
     return module
 
 

@@ -29,6 +29,7 @@ path is delegated to the reference implementation.
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 
 import torch
@@ -78,15 +79,10 @@ def _self_check() -> tuple[bool, str]:
         "bias_act lrelu": lambda ops: ops.bias_act(x, weight[0, :, 0, 0], act="lrelu", clamp=1.0),
     }
     for name, run in cases.items():
-        got, want = run(_this_module()), run(reference)
+        got, want = run(sys.modules[__name__]), run(reference)
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             return False, f"the fused {name} disagrees with the reference on this platform"
     return True, ""
-
-
-def _this_module():
-    import sys
-    return sys.modules[__name__]
 
 
 # ----------------------------------------------------------------------------------------------
