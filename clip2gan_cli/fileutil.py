@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -58,3 +59,12 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     except OSError as error:
         raise OutputError(f"output directory {directory} is not writable: {error.strerror or error}") from error
     return directory
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

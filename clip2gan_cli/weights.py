@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import hashlib
 import http.client
 import importlib.resources
 import json
@@ -49,7 +48,7 @@ except ModuleNotFoundError:  # pragma: no cover - Windows: no flock; downloads s
 
 from .errors import (ChecksumError, DownloadError, OutputError, RegistryError, UserInputError,
                      WeightsNotFoundError)
-from .fileutil import atomic_write_text
+from .fileutil import atomic_write_text, sha256_file
 
 SCHEMA_VERSION = 1
 FORMATS = ("nvidia-pkl", "rosinality-pt", "safetensors", "open_clip", "facenet", "inception-fid", "torchvision")
@@ -586,13 +585,6 @@ def is_cached(entry: WeightEntry) -> bool:
     return recorded is not None and (entry.sha256 is None or recorded == entry.sha256)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_cached(entry: WeightEntry, target: Path) -> tuple[bool, str | None]:

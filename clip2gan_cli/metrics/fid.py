@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..errors import CheckpointError, ImageError, UserInputError, WeightsNotFoundError
-from ..fileutil import atomic_path
+from ..fileutil import atomic_path, sha256_file
 
 if TYPE_CHECKING:  # torch is imported lazily (the CLI imports this module inside a command)
     import numpy as np
@@ -128,13 +128,6 @@ def _torch_fidelity_cannot_download() -> Iterator[None]:
         inception_module.load_state_dict_from_url = original
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class InceptionFeatureSpace(FeatureSpace):

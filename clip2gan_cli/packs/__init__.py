@@ -10,12 +10,12 @@ optionally discriminator.safetensors.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, NoMapperError, UserInputError, WeightsNotFoundError
+from ..fileutil import sha256_file
 
 DEFAULT_PACK = "shapes"
 PACKS_DIR = Path(__file__).resolve().parent
@@ -51,7 +51,7 @@ class Pack:
         """Role -> first 16 hex digits of the sha256 of its file (for PNG metadata); cached."""
         for role, path in sorted(self.paths.items()):
             if role not in self._hashes:
-                self._hashes[role] = _sha256(path)[:16]
+                self._hashes[role] = sha256_file(path)[:16]
         return dict(sorted(self._hashes.items()))
 
     def load_discriminator(self):
@@ -86,12 +86,6 @@ class Pack:
         return place_model(network, self.device)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def known_packs() -> list[str]:

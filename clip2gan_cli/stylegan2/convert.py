@@ -25,7 +25,6 @@ attributes or default to NVIDIA's values.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
@@ -40,7 +39,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CheckpointError, Clip2ganError, UnsafeCheckpointError, UserInputError
-from ..fileutil import atomic_path
+from ..fileutil import atomic_path, sha256_file
 from .networks import Discriminator, DiscriminatorConfig, Generator, GeneratorConfig, load_state_dict_strict
 from .safe_pickle import PersistentObject, flatten_state_dict, load_restricted_pickle, plain_data
 
@@ -800,12 +799,6 @@ def discriminator_path(generator_path: str | os.PathLike) -> Path:
     return generator_path.with_name(generator_path.name.replace(".G.safetensors", ".D.safetensors"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -830,7 +823,7 @@ def _cached_conversion(source: Path, generator_path: Path) -> bool:
     stat = source.stat()
     if metadata.get("source_size") == str(stat.st_size) and metadata.get("source_mtime_ns") == str(stat.st_mtime_ns):
         return True
-    return metadata.get("source_sha256") == _sha256(source)
+    return metadata.get("source_sha256") == sha256_file(source)
 
 
 def convert_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
@@ -853,7 +846,7 @@ def convert_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike | Non
         raise CheckpointError(f"{source.name} holds no generator")
     stat = source.stat()
     provenance = {"source": source.name, "source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns),
-                  "source_sha256": _sha256(source)}
+                  "source_sha256": sha256_file(source)}
     generator = _build(checkpoint.generator, "reference", source.name)
     discriminator = (_build(checkpoint.discriminator, "reference", source.name)
                      if checkpoint.discriminator is not None else None)
