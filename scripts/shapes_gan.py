@@ -58,7 +58,9 @@ class GanRecipe:
     # time at 128 channels on the shared 2-core machine; 16 channels at 32 px suffice for flat shapes.
     g_channels: dict = field(default_factory=lambda: {4: 64, 8: 64, 16: 32, 32: 16})
     d_channels: dict = field(default_factory=lambda: {4: 64, 8: 64, 16: 32, 32: 16})
-    batch: int = 32
+    batch: int = 32  # adversarial stage
+    decoder_batch: int = 16  # a deterministic regression: more, smaller steps converge faster per image
+    edge_weight: float = 2.0  # L1 on pixel differences: outlines are few pixels but all of the shape
     decoder_lr: float = 0.003
     mapping_lr: float = 0.001
     g_lr: float = 0.0005  # adversarial stage: the generator is already structured, so step gently
@@ -212,14 +214,22 @@ class ShapesGanTrainer:
 
     # --- stage steps ---
     def decoder_step(self) -> float:
-        codes = random_codes(self.recipe.batch, self.rng)
-        target = render_codes(codes)
-        ws = broadcast_w(self.E(codes), self.G.num_ws)
-        loss = (self.G.synthesis(ws, noise_mode="random") - target).abs().mean()
+        codes = random_codes(self.recipe.decoder_batch, self.rng)
+        loss = self.decoder_loss(codes)
         self.opt_decoder.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_decoder.step()
         return loss.item()
+
+    def decoder_loss(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L1 between synthesis(E(attrs)) and the rendered image, plus L1 between their edges."""
+        target = render_codes(codes)
+        decoded = self.G.synthesis(broadcast_w(self.E(codes), self.G.num_ws), noise_mode="random")
+        loss = (decoded - target).abs().mean()
+        if self.recipe.edge_weight > 0:
+            for dim in (2, 3):
+                loss = loss + self.recipe.edge_weight * (decoded.diff(dim=dim) - target.diff(dim=dim)).abs().mean()
+        return loss
 
     def mapping_step(self) -> float:
         z = torch.randn(256, self.recipe.z_dim, generator=self.rng)
@@ -242,9 +252,7 @@ class ShapesGanTrainer:
         g_loss = F.softplus(-self.D(augment(fake))).mean()
         anchor = torch.zeros(())
         if r.anchor_weight > 0:
-            codes = random_codes(n // 2, self.rng)
-            decoded = self.G.synthesis(broadcast_w(self.E(codes), self.G.num_ws), noise_mode="random")
-            anchor = (decoded - render_codes(codes)).abs().mean()
+            anchor = self.decoder_loss(random_codes(n // 2, self.rng))
         self.opt_g.zero_grad(set_to_none=True)
         (g_loss + r.anchor_weight * anchor).backward()
         self.opt_g.step()
@@ -286,13 +294,21 @@ class ShapesGanTrainer:
 
     # --- evaluation ---
     @torch.no_grad()
-    def evaluate(self, tag: str, n: int = 256) -> dict:
-        """Checker verdicts on EMA samples: agreement with the z code, confidence, combo coverage."""
+    def evaluate(self, tag: str, n: int = 256, via_encoder: bool = False) -> dict:
+        """Checker verdicts on EMA samples: agreement with the z code, confidence, combo coverage.
+
+        via_encoder: render synthesis(E(attrs(z))) instead of G_ema(z) (the decoder stage, before
+        the mapping network has learnt the code).
+        """
         from shapes_checker import HEADS, load_or_train_checker
 
         z = torch.randn(n, self.recipe.z_dim, generator=torch.Generator().manual_seed(4321))
         self.G_ema.eval()
-        images = torch.cat([self.G_ema(z[i:i + 128]) for i in range(0, n, 128)])
+        if via_encoder:
+            ws = broadcast_w(self.E(attributes_from_z(z)), self.G_ema.num_ws)
+            images = torch.cat([self.G_ema.synthesis(ws[i:i + 128]) for i in range(0, n, 128)])
+        else:
+            images = torch.cat([self.G_ema(z[i:i + 128]) for i in range(0, n, 128)])
         self._save_grid(images[:64], self.workdir / f"gan_grid_{tag}.png")
         self._save_grid(images[:64], self.workdir / "gan_grid_latest.png")
         result = {"tag": tag, "time": time.strftime("%H:%M:%S"), **{s: dict(p) for s, p in self.progress.items()}}
@@ -344,8 +360,8 @@ class ShapesGanTrainer:
         last_save = last_eval = time.time()
         while time.time() - start < budget:
             if stage == "decoder":
-                metrics = {"l1": self.decoder_step()}
-                progress["images"] += self.recipe.batch
+                metrics = {"loss": self.decoder_step()}
+                progress["images"] += self.recipe.decoder_batch
             elif stage == "mapping":
                 metrics = {"mse": self.mapping_step()}
                 progress["images"] += 256
@@ -364,11 +380,11 @@ class ShapesGanTrainer:
                 last_save = time.time()
             if time.time() - last_eval > eval_minutes * 60:
                 self._finish_interval(stage)
-                self.evaluate(f"{stage}_{progress['steps']:06d}")
+                self.evaluate(f"{stage}_{progress['steps']:06d}", via_encoder=stage == "decoder")
                 last_eval = time.time()
         self._finish_interval(stage)
         self.save()
-        self.evaluate(f"{stage}_end")
+        self.evaluate(f"{stage}_end", via_encoder=stage == "decoder")
 
     def _finish_interval(self, stage: str) -> None:
         """Before saving/evaluating: keep G_ema meaningful in the non-adversarial stages."""

@@ -1,0 +1,246 @@
+"""End-to-end quality report of the builtin `shapes` pack, measured by an independent checker.
+
+The checker is a small CNN trained on `packs.shapes.data.sample()` (scripts/shapes_checker.py);
+it never sees the pack's CLIP or generator. Sections:
+
+  generate   every colour x shape prompt ("a red circle"), n images: colour / shape / joint accuracy
+  diversity  mean pixel L1 between images of one prompt; distinct positions and sizes per prompt
+  edit       real images of one colour edited toward another (text = the colour word), plain and
+             with --neutral ("a <shape>"): target-colour success; shape, size, position kept
+  fd         Frechet distance in the pack's CLIP image space (metrics.fid, the eval-fid code):
+             real vs real (the floor), G(z) vs real, text-generated vs real
+  noise      the two readings of the diversity noise (multiplicative / additive), side by side
+  latency    median wall time of `clip2gan --help` and of a cold `clip2gan generate "a red circle" -n 8`
+
+    python bench/shapes_quality.py                  # full report
+    python bench/shapes_quality.py -n 8 --skip-latency --json report.json --grid grid.png
+Targets (issue 7): colour >= 90 %, shape >= 80 %, edit success >= 80 % with shape kept >= 80 %.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from clip2gan_cli.packs.shapes import data  # noqa: E402
+
+COLOR_NAMES, SIZE_NAMES = list(data.COLORS), list(data.SIZES)
+
+
+def prompts_grid() -> list[tuple[str, str, str]]:
+    """(prompt, colour, shape) for every colour x shape pair."""
+    return [(f"a {color} {shape}", color, shape) for shape in data.SHAPES for color in data.COLORS]
+
+
+def section_generate(pack, checker, n: int, seed: int, feature_noise=None) -> dict:
+    """Checker accuracy of n generated images per colour x shape prompt, plus diversity measures."""
+    from clip2gan_cli.pipeline import generate
+
+    rows = prompts_grid()
+    result = generate(pack.generator, pack.clip, pack.mapper, [p for p, _, _ in rows], n=n, seed=seed,
+                      feature_noise=feature_noise)
+    images = result.images.float().clamp(-1, 1)
+    predictions = checker.predict(images)
+    per_prompt = {}
+    for index, (prompt, color, shape) in enumerate(rows):
+        part = slice(index * n, (index + 1) * n)
+        colour_ok = predictions["color"][part] == COLOR_NAMES.index(color)
+        shape_ok = predictions["shape"][part] == data.SHAPES.index(shape)
+        group = images[part]
+        l1 = [(group[i] - group[j]).abs().mean().item() for i in range(n) for j in range(i + 1, n)]
+        positions = predictions["position"][part].round()
+        per_prompt[prompt] = {
+            "color": float(colour_ok.float().mean()), "shape": float(shape_ok.float().mean()),
+            "joint": float((colour_ok & shape_ok).float().mean()),
+            "pixel_l1": float(np.mean(l1)) if l1 else 0.0,
+            "distinct_positions": len({tuple(p) for p in positions.tolist()}),
+            "distinct_sizes": len(set(predictions["size"][part].tolist())),
+            "distinct_backgrounds": len(set(predictions["background"][part].tolist())),
+        }
+    mean = {key: float(np.mean([row[key] for row in per_prompt.values()])) for key in next(iter(per_prompt.values()))}
+    return {"per_prompt": per_prompt, "mean": mean, "images": images}
+
+
+def section_edit(pack, checker, per_pair: int, beta: float, seed: int) -> dict:
+    """Real images of colour A edited with the text of colour B (each colour to the next one)."""
+    from clip2gan_cli.pipeline import edit
+
+    rng = np.random.default_rng(seed)
+    outcomes = {"plain": [], "neutral": []}
+    for source_index, source in enumerate(COLOR_NAMES):
+        target = COLOR_NAMES[(source_index + 1) % len(COLOR_NAMES)]
+        for _ in range(per_pair):
+            shape, size = data.SHAPES[rng.integers(len(data.SHAPES))], SIZE_NAMES[rng.integers(2)]
+            background = list(data.BACKGROUNDS)[rng.integers(len(data.BACKGROUNDS))]
+            x, y = (16 + rng.uniform(-data.JITTER, data.JITTER, 2)).tolist()
+            image = torch.from_numpy(data.render(shape, source, size, background, x, y)).permute(2, 0, 1)
+            image = image[None].float() / 127.5 - 1
+            for mode, neutral in (("plain", None), ("neutral", f"a {shape}")):
+                out = edit(pack.generator, pack.clip, pack.mapper, image, [(target, beta)], neutral=neutral)
+                before = checker.predict(out.reconstruction.float())
+                after = checker.predict(out.edited.float())
+                outcomes[mode].append({
+                    "target_color": int(after["color"][0]) == COLOR_NAMES.index(target),
+                    "shape_kept": int(after["shape"][0]) == data.SHAPES.index(shape),
+                    "size_kept": int(after["size"][0]) == SIZE_NAMES.index(size),
+                    "position_kept": float((after["position"][0] - torch.tensor([x, y])).abs().max()) <= 2.0,
+                    "recon_color": int(before["color"][0]) == COLOR_NAMES.index(source),
+                    "recon_shape": int(before["shape"][0]) == data.SHAPES.index(shape),
+                })
+    return {mode: {key: float(np.mean([o[key] for o in rows])) for key in rows[0]} for mode, rows in outcomes.items()}
+
+
+def section_fd(pack, n: int, seed: int) -> dict:
+    """Frechet distances in the pack's CLIP image space (the eval-fid feature space and formula)."""
+    from clip2gan_cli.metrics.fid import ClipFeatureSpace, frechet_distance
+    from clip2gan_cli.pipeline import generate
+
+    space = ClipFeatureSpace(pack.clip, weights_sha256="", device="cpu")
+
+    def features(images_uint8: torch.Tensor) -> torch.Tensor:
+        return torch.cat([space.extract(images_uint8[i:i + 256]) for i in range(0, len(images_uint8), 256)])
+
+    def to_uint8(images: torch.Tensor) -> torch.Tensor:
+        return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    real_a = torch.from_numpy(data.sample(n, seed)[0]).permute(0, 3, 1, 2)
+    real_b = torch.from_numpy(data.sample(n, seed + 1)[0]).permute(0, 3, 1, 2)
+    z = torch.randn(n, pack.generator.z_dim, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        unconditional = torch.cat([pack.generator(z[i:i + 64]) for i in range(0, n, 64)])
+    combos = [f"a {z_} {c} {s} on a {b} background" for s in data.SHAPES for c in data.COLORS
+              for z_ in data.SIZES for b in data.BACKGROUNDS]
+    per_prompt = max(1, n // len(combos))
+    text_images = generate(pack.generator, pack.clip, pack.mapper, combos, n=per_prompt, seed=seed).images
+    real_features = features(real_a)
+    return {
+        "real_vs_real": frechet_distance(features(real_b), real_features),
+        "G(z)_vs_real": frechet_distance(features(to_uint8(unconditional)), real_features),
+        "text_vs_real": frechet_distance(features(to_uint8(text_images)), real_features),
+        "n": n, "text_images": len(text_images),
+    }
+
+
+def section_latency(runs: int) -> dict:
+    """Median wall seconds of `clip2gan --help` and of a cold generate (fresh process each time)."""
+    executable = str(Path(sys.executable).with_name("clip2gan"))
+    timings = {}
+    with tempfile.TemporaryDirectory() as out:
+        for label, args in (("help", ["--help"]),
+                            ("generate", ["generate", "a red circle", "-n", "8", "--out", out, "--device", "cpu"])):
+            walls = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                done = subprocess.run([executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      env={**os.environ, "CLIP2GAN_OFFLINE": "1"})
+                walls.append(time.perf_counter() - start)
+                if done.returncode != 0:
+                    raise SystemExit(f"clip2gan {' '.join(args)} failed: {done.stderr.decode()[-300:]}")
+            timings[label] = statistics.median(walls)
+    return {"help_s": timings["help"], "generate_s": timings["generate"], "runs": runs,
+            "goals_s": {"help": 0.3, "generate": 5.0}}
+
+
+def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
+    """One row per prompt (colour x shape order), `images.shape[0] // rows` samples per row, 2x upscaled."""
+    from PIL import Image
+
+    per_row = images.shape[0] // rows
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    grid = pixels.reshape(rows, per_row, 32, 32, 3).transpose(0, 2, 1, 3, 4).reshape(rows * 32, per_row * 32, 3)
+    Image.fromarray(grid).resize((per_row * 64, rows * 64), Image.NEAREST).save(path)
+
+
+def print_report(report: dict) -> None:
+    gen = report["generate"]
+    print(f"\n== generate: checker joint accuracy per prompt (n={report['n']}) ==")
+    print("shape \\ colour " + "".join(f"{c:>9}" for c in COLOR_NAMES))
+    for shape in data.SHAPES:
+        cells = "".join(f"{gen['per_prompt'][f'a {c} {shape}']['joint']:>9.2f}" for c in COLOR_NAMES)
+        print(f"{shape:<15}{cells}")
+    m = gen["mean"]
+    print(f"mean: colour {m['color']:.3f}  shape {m['shape']:.3f}  joint {m['joint']:.3f}   "
+          f"(targets: colour >= 0.90, shape >= 0.80)")
+    print(f"\n== diversity (same prompt) ==\npixel L1 {m['pixel_l1']:.3f}  distinct positions {m['distinct_positions']:.1f}"
+          f"  sizes {m['distinct_sizes']:.2f}  backgrounds {m['distinct_backgrounds']:.2f}  (of n={report['n']})")
+    if "edit" in report:
+        print("\n== edit (colour A -> the next colour) ==")
+        for mode, row in report["edit"].items():
+            print(f"{mode:<8} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()))
+        print("(targets: target_color >= 0.80 with shape_kept >= 0.80)")
+    if "fd" in report:
+        print("\n== FD in the pack's CLIP space ==")
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report["fd"].items()))
+    if "noise" in report:
+        print(f"\n== diversity-noise interpretations (mapper trained with {report['noise_trained_with']}) ==")
+        for mode, row in report["noise"].items():
+            print(f"{mode:<15} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    if "latency" in report:
+        lat = report["latency"]
+        print(f"\n== latency (median of {lat['runs']}) ==\nclip2gan --help {lat['help_s']:.2f} s (goal 0.3)   "
+              f"cold generate -n 8 {lat['generate_s']:.2f} s (goal 5)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Quality report of the builtin shapes pack.")
+    parser.add_argument("-n", type=int, default=16, help="images per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checker", type=Path, default=REPO / "work_shapes" / "checker.pt",
+                        help="checker weights (trained and saved there if missing)")
+    parser.add_argument("--edit-per-pair", type=int, default=8)
+    parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--fd-n", type=int, default=1024)
+    parser.add_argument("--latency-runs", type=int, default=3)
+    parser.add_argument("--skip", action="append", default=[], choices=["edit", "fd", "noise", "latency"])
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--grid", type=Path, default=None, help="write a prompts x samples grid PNG")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from shapes_checker import checker_accuracy, load_or_train_checker
+
+    from clip2gan_cli.packs import load_pack
+
+    checker = load_or_train_checker(args.checker)
+    pack = load_pack(device="cpu")
+    report = {"n": args.n, "checker_on_real": checker_accuracy(checker, n=1000)}
+    generated = section_generate(pack, checker, args.n, args.seed)
+    if args.grid is not None:
+        save_grid(generated["images"], len(prompts_grid()), args.grid)
+    report["generate"] = {k: v for k, v in generated.items() if k != "images"}
+    if "edit" not in args.skip:
+        report["edit"] = section_edit(pack, checker, args.edit_per_pair, args.beta, args.seed)
+    if "fd" not in args.skip:
+        report["fd"] = section_fd(pack, args.fd_n, args.seed)
+    if "noise" not in args.skip:
+        # Same strength for both readings; the mapper was trained with one of them (noise_trained_with).
+        strength = pack.mapper.config.noise_strength
+        report["noise_trained_with"] = {"mode": pack.mapper.config.noise_mode, "strength": strength}
+        report["noise"] = {}
+        for mode in ("multiplicative", "additive"):
+            mean = section_generate(pack, checker, args.n, args.seed, feature_noise=(mode, strength))["mean"]
+            report["noise"][mode] = {k: mean[k] for k in ("color", "shape", "joint", "pixel_l1", "distinct_positions")}
+    if "latency" not in args.skip:
+        report["latency"] = section_latency(args.latency_runs)
+    print(f"checker on real samples: {json.dumps(report['checker_on_real'])}")
+    print_report(report)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
