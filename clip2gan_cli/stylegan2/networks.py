@@ -174,6 +174,25 @@ def _set_backend(root: nn.Module, backend: str) -> str:
     return resolved
 
 
+class _SwitchableBackend(nn.Module):
+    """A whole network (G or D) whose ops backend can be switched in place; weights are untouched."""
+
+    _backend: str = "reference"
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.set_backend(name)
+
+    def set_backend(self, name: str):
+        """Switch every layer to backend `name` ("auto", "reference" or "fused"); returns self."""
+        self._backend = _set_backend(self, name)
+        return self
+
+
 # ----------------------------------------------------------------------------------------------
 # Layers
 
@@ -508,7 +527,7 @@ class SynthesisNetwork(nn.Module):
         return f"w_dim={self.w_dim}, num_ws={self.num_ws}, img_resolution={self.img_resolution}"
 
 
-class Generator(nn.Module):
+class Generator(_SwitchableBackend):
     """StyleGAN2 generator: `mapping` (z -> ws) and `synthesis` (ws -> image), NVIDIA state-dict keys."""
 
     def __init__(self,
@@ -523,19 +542,6 @@ class Generator(nn.Module):
                                       lr_multiplier=config.mapping_lr_mul, w_avg_beta=config.w_avg_beta)
         self.synthesis = SynthesisNetwork(config)
         self._backend = _set_backend(self, backend)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        self.set_backend(name)
-
-    def set_backend(self, name: str) -> "Generator":
-        """Switch the ops backend in place (weights untouched); returns self."""
-        self._backend = _set_backend(self, name)
-        return self
 
     @property
     def w_avg(self) -> torch.Tensor:
@@ -646,7 +652,7 @@ class DiscriminatorEpilogue(nn.Module):
         return f"in_channels={self.in_channels}, resolution={self.resolution}"
 
 
-class Discriminator(nn.Module):
+class Discriminator(_SwitchableBackend):
     """StyleGAN2 `resnet` discriminator: images [N, C, R, R] -> logits [N, 1], NVIDIA state-dict keys."""
 
     def __init__(self,
@@ -667,19 +673,6 @@ class Discriminator(nn.Module):
         self.b4 = DiscriminatorEpilogue(channels[4], resolution=4, mbstd_group_size=config.mbstd_group_size,
                                         mbstd_num_channels=config.mbstd_num_channels, conv_clamp=config.conv_clamp)
         self._backend = _set_backend(self, backend)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        self.set_backend(name)
-
-    def set_backend(self, name: str) -> "Discriminator":
-        """Switch the ops backend in place (weights untouched); returns self."""
-        self._backend = _set_backend(self, name)
-        return self
 
     def forward(self, img):
         expected = [self.img_channels, self.img_resolution, self.img_resolution]
