@@ -98,6 +98,8 @@ def stage_export(args, log) -> dict:
         with atomic_path(args.pack_dir / name) as tmp:
             shutil.copyfile(source, tmp)
         written.append(args.pack_dir / name)
+    for path in written:
+        os.chmod(path, 0o644)  # package data: readable by every user (atomic temp files are 0600)
     return {"files": [str(p) for p in written]}
 
 
@@ -110,6 +112,12 @@ def stage_mapper(args, log) -> dict:
         command += ["--pack", "shapes", "--data", "synthetic", "--out", str(run_dir), "--seed", str(args.seed),
                     "--device", "cpu", "--set", "lpips_backbone=random", "--set", f"batch_size={args.mapper_batch}",
                     "--set", f"lr={args.mapper_lr}", "--set", f"mapper_hidden_dim={args.mapper_hidden}",
+                    # Untruncated samples: G's W space holds one cluster per attribute combination, and
+                    # psi < 1 would pull samples toward the blend of all colours and shapes.
+                    "--set", "synthetic_truncation=1.0",
+                    # EMA over ~200 steps: the run is short (the default 0.999 would still hold ~20 %
+                    # of the random initial weights after 1,500 steps).
+                    "--set", "ema_decay=0.995",
                     "--set", "checkpoint_every=100", "--set", "sample_every=200", "--set", "log_every=20",
                     "--set", "num_sample_images=4",
                     "--set", 'sample_prompts=["a red circle", "a blue square", "a green triangle", "a yellow cross"]']
@@ -119,6 +127,7 @@ def stage_mapper(args, log) -> dict:
     subprocess.run(command, check=True, cwd=REPO, env=env)
     with atomic_path(args.pack_dir / "mapper.safetensors") as tmp:
         shutil.copyfile(run_dir / "mapper.safetensors", tmp)
+    os.chmod(args.pack_dir / "mapper.safetensors", 0o644)
     return {"run_dir": str(run_dir)}
 
 

@@ -139,3 +139,14 @@ def test_shipped_pack_generates_the_prompted_colour_offline_on_cpu(monkeypatch):
     mean_colour = torch.stack([pixels[i][saturated[i]].mean(0) for i in range(8)])
     assert (mean_colour[:4, 0] > mean_colour[:4, 2]).float().mean() >= 0.75
     assert (mean_colour[4:, 2] > mean_colour[4:, 0]).float().mean() >= 0.75
+
+
+def test_build_state_accumulates_stage_time_and_resumes_done_stages(tmp_path):
+    import build_shapes_pack
+
+    state = build_shapes_pack.BuildState(tmp_path / "build_state.json")
+    state.record("clip", 12.5, done=False)
+    state.record("clip", 7.5, done=True, zero_shot={"shape": 0.9})
+    again = build_shapes_pack.BuildState(tmp_path / "build_state.json")
+    assert again.done("clip") and not again.done("gan")
+    assert again.times() == {"clip": 20.0}
