@@ -328,13 +328,21 @@ def _refine_lpips(refine_steps: int):
     return build_perceptual_loss("alex", "registry")
 
 
+def _is_file(spec: str) -> bool:
+    """Path(spec).is_file(), False where spec cannot be a path at all (a long prompt: ENAMETOOLONG)."""
+    try:
+        return Path(spec).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _endpoint_latent(spec: str, models, align: bool):
     """W+ [1, num_ws, w_dim] of an interpolation endpoint: a latent file, an image, or a prompt."""
     from . import imageio, pipeline
     from .errors import ImageError
 
     path = Path(spec)
-    if path.suffix.lower() == ".safetensors" or (path.is_file() and path.suffix):
+    if path.suffix.lower() == ".safetensors" or (_is_file(spec) and path.suffix):
         if path.suffix.lower() == ".safetensors":
             return imageio.load_latent(path, models.generator.num_ws, models.generator.w_dim)[:1]
         image = imageio.load_image_tensor(path, models.generator.img_resolution, align=align)
@@ -384,8 +392,8 @@ def interpolate_command(
     bar, advance = _progress("Rendering", frames)
     with bar:
         images = pipeline.synthesize(models.generator, w_plus, progress=advance)
-    name = f"interp_{imageio.slugify(Path(a).stem if Path(a).is_file() else a, 24)}" \
-           f"_to_{imageio.slugify(Path(b).stem if Path(b).is_file() else b, 24)}"
+    name = f"interp_{imageio.slugify(Path(a).stem if _is_file(a) else a, 24)}" \
+           f"_to_{imageio.slugify(Path(b).stem if _is_file(b) else b, 24)}"
     records = imageio.write_interpolation_outputs(out, name, images, gif=gif, mp4=mp4, fps=fps,
                                                   metadata=output_metadata(models, a=a, b=b))
     _emit(records, json_out)
