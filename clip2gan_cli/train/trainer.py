@@ -173,17 +173,24 @@ def _run(config: TrainConfig, run_dir: Path, resume: bool, models: TrainModels |
     start_step = 0
     if resume:
         checkpoint = load_latest_checkpoint(run_dir)
-        _check_resume_compatible(checkpoint, mapper, generator, clip, discriminator)
-        mapper.load_state_dict(checkpoint["mapper"])
-        mapper_ema.load_state_dict(checkpoint["mapper_ema"])
-        opt_m.load_state_dict(checkpoint["opt_m"])
-        if discriminator is not None:
-            discriminator.load_state_dict(checkpoint["discriminator"])
-            opt_d.load_state_dict(checkpoint["opt_d"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_state(checkpoint["rng"])
-        start_step = int(checkpoint["step"])
+        try:  # a readable file whose contents do not fit (edited, foreign, damaged) is a one-line error
+            _check_resume_compatible(checkpoint, mapper, generator, clip, discriminator)
+            mapper.load_state_dict(checkpoint["mapper"])
+            mapper_ema.load_state_dict(checkpoint["mapper_ema"])
+            opt_m.load_state_dict(checkpoint["opt_m"])
+            if discriminator is not None:
+                discriminator.load_state_dict(checkpoint["discriminator"])
+                opt_d.load_state_dict(checkpoint["opt_d"])
+            if scaler is not None and checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+            restore_rng_state(checkpoint["rng"])
+            start_step = int(checkpoint["step"])
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError, AttributeError) as error:
+            detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"the newest checkpoint in {run_dir / 'checkpoints'} (step "
+                                  f"{checkpoint.get('step')!r}) does not fit this run: {detail}",
+                                  hint="resume with the config the run was started with, or remove that file") \
+                from error
         if dist_ctx.is_main:
             log(f"Resuming {run_dir} from step {start_step} (to {config.steps}).")
             _truncate_metrics(run_dir / "metrics.jsonl", start_step)
