@@ -174,6 +174,8 @@ def main(argv=None) -> int:
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to PyTorch here")
     if args.device.startswith("cuda"):
         torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 (TF32 would blur the comparison)
         torch.backends.cuda.matmul.allow_tf32 = False
