@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import glob
 import http.client
 import importlib.resources
 import json
@@ -704,6 +705,7 @@ def _download(entry: WeightEntry, target: Path, progress: bool, policy: Download
     temp = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     keep_bytes = True  # an interrupted download stays resumable; a wrong one is deleted
     try:
+        _adopt_killed_downloads(target, partial)
         if partial.exists():
             os.replace(partial, temp)  # claim the bytes of an earlier interrupted download
         failures: list[str] = []
@@ -735,6 +737,23 @@ def _download(entry: WeightEntry, target: Path, progress: bool, policy: Download
                     os.replace(temp, partial)
                 else:
                     temp.unlink()
+
+
+def _adopt_killed_downloads(target: Path, partial: Path) -> None:
+    """Keep the longest process temp of a killed download as `partial`; delete the other leftovers.
+
+    A process killed hard (SIGKILL, power loss) cannot move its `<name>.<pid>.<hex>.part` to
+    `.partial`; the caller holds the lock, so every such temp is a dead process's and is safe to take.
+    """
+    if fcntl is None:  # no flock here: another process's temp may be live
+        return
+    leftovers = [path for path in target.parent.glob(f"{glob.escape(target.name)}.*.part") if path.is_file()]
+    for leftover in sorted(leftovers, key=lambda path: path.stat().st_size, reverse=True):
+        with contextlib.suppress(OSError):
+            if not partial.exists() or leftover.stat().st_size > partial.stat().st_size:
+                os.replace(leftover, partial)
+            else:
+                leftover.unlink()
 
 
 def _verify(entry: WeightEntry, temp: Path) -> str:
