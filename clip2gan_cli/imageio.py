@@ -4,12 +4,21 @@ Reading refuses anything that is not a plain, reasonably sized picture with one 
 (missing, zero bytes, not an image, truncated, decompression bomb, smaller than 16 px) and turns
 every odd mode (CMYK, 16-bit, grayscale, palette, alpha, animated) into 8-bit RGB.
 Every write goes through `fileutil.atomic_path`: a failed or interrupted write leaves nothing behind.
+Command outputs (generate / edit / interpolate) are written with `no_clobber=True`: a deterministic
+name that already holds different bytes (another run, another process) is never replaced; the new
+file gets `-2`, `-3`, ... instead, and the records name the file actually written.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import filecmp
 import functools
+import itertools
 import json
 import math
+import os
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -229,8 +238,54 @@ def _as_pil(image) -> "Image.Image":
 
 
 # --- writing ---
-def save_image(path: str | Path, image, format: str | None = None, metadata: dict[str, Any] | None = None) -> Path:
-    """Write one image atomically as PNG (metadata as tEXt chunks) or JPEG (metadata as a JSON comment)."""
+def publish_new_file(source: Path, path: Path) -> Path:
+    """Give the finished file `source` the name `path` without ever replacing a different file.
+
+    A hard link claims a name atomically (it fails when the name exists), so two processes that
+    write the same deterministic name cannot overwrite each other. When `path` already holds the
+    same bytes it is kept (a rerun changes nothing); when it holds other bytes the file is published
+    as `<stem>-2<suffix>`, `-3`, ... Returns the name used; `source` is left for the caller to remove.
+    """
+    for number in itertools.count(1):
+        candidate = path if number == 1 else path.with_name(f"{path.stem}-{number}{path.suffix}")
+        try:
+            os.link(source, candidate)
+            return candidate
+        except FileExistsError:
+            pass
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise OutputError(f"cannot write {candidate}: {error.strerror or error}") from error
+            if not candidate.exists():  # no hard links on this file system: check, then rename (racy)
+                os.replace(source, candidate)
+                return candidate
+        if candidate.is_file() and filecmp.cmp(source, candidate, shallow=False):
+            return candidate
+
+
+def _write_output(path: Path, write, no_clobber: bool) -> Path:
+    """Run `write(tmp)` on a temp file, then publish it at `path` (replacing it) or, with
+    `no_clobber`, through `publish_new_file`. Returns the path written."""
+    if not no_clobber:
+        with atomic_path(path) as tmp:
+            write(tmp)
+        return path
+    staged = path.with_name(f".{path.name}.{secrets.token_hex(6)}.staged")  # complete, fsynced, hidden
+    try:
+        with atomic_path(staged) as tmp:
+            write(tmp)
+        return publish_new_file(staged, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+
+
+def save_image(path: str | Path, image, format: str | None = None, metadata: dict[str, Any] | None = None,
+               no_clobber: bool = False) -> Path:
+    """Write one image atomically as PNG (metadata as tEXt chunks) or JPEG (metadata as a JSON comment).
+
+    Returns the path written (with `no_clobber`, possibly `<stem>-N<suffix>`: see `publish_new_file`).
+    """
     from PIL.PngImagePlugin import PngInfo
 
     path = Path(path)
@@ -238,7 +293,8 @@ def save_image(path: str | Path, image, format: str | None = None, metadata: dic
     if fmt not in IMAGE_FORMATS:
         raise UserInputError(f"unknown image format '{fmt}'", hint="use png or jpg")
     pil = _as_pil(image)
-    with atomic_path(path) as tmp:
+
+    def write(tmp: Path) -> None:
         if IMAGE_FORMATS[fmt] == "PNG":
             info = PngInfo()
             for key, value in (metadata or {}).items():
@@ -247,12 +303,13 @@ def save_image(path: str | Path, image, format: str | None = None, metadata: dic
         else:
             comment = json.dumps(metadata or {}, sort_keys=True).encode("utf-8")
             pil.save(tmp, format="JPEG", quality=95, comment=comment)
-    return path
+
+    return _write_output(path, write, no_clobber)
 
 
-def save_png(path: str | Path, image, metadata: dict[str, Any] | None = None) -> Path:
+def save_png(path: str | Path, image, metadata: dict[str, Any] | None = None, no_clobber: bool = False) -> Path:
     """Write a PNG atomically with `metadata` as text chunks (read back with `read_png_metadata`)."""
-    return save_image(path, image, "png", metadata)
+    return save_image(path, image, "png", metadata, no_clobber)
 
 
 def read_png_metadata(path: str | Path) -> dict[str, str]:
@@ -320,15 +377,36 @@ def save_mp4(path: str | Path, frames: Sequence, fps: float = 24.0) -> Path:
 
 
 # --- latent codes ---
-def save_latent(path: str | Path, w_plus: "torch.Tensor", metadata: dict[str, Any] | None = None) -> Path:
-    """Write W+ codes [N, num_ws, w_dim] (or one [num_ws, w_dim]) as safetensors, atomically."""
-    from safetensors.torch import save_file
+def save_latent(path: str | Path, w_plus: "torch.Tensor", metadata: dict[str, Any] | None = None,
+                no_clobber: bool = False) -> Path:
+    """Write W+ codes [N, num_ws, w_dim] (or one [num_ws, w_dim]) as safetensors, atomically; returns the path.
 
+    The same codes and metadata always give the same bytes (see `_safetensors_bytes`).
+    """
     header = {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
-    tensor = w_plus.detach().float().to("cpu").contiguous()
-    with atomic_path(path) as tmp:
-        save_file({LATENT_KEY: tensor}, str(tmp), metadata=header)
-    return Path(path)
+    data = _safetensors_bytes({LATENT_KEY: w_plus.detach().float().to("cpu").contiguous()}, header)
+    return _write_output(Path(path), lambda tmp: tmp.write_bytes(data), no_clobber)
+
+
+def _safetensors_bytes(tensors: dict[str, "torch.Tensor"], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with the JSON header's keys sorted.
+
+    safetensors writes its metadata map in a different order from call to call, so equal latents
+    would give different files (and a rerun of generate could not recognise its own output).
+    """
+    import struct
+
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > size:  # never expected (same entries, same compact JSON); keep safetensors' own bytes
+        return data
+    return data[:8] + text + b" " * (size - len(text)) + data[8 + size:]
 
 
 def load_latent(path: str | Path, num_ws: int | None = None, w_dim: int | None = None) -> "torch.Tensor":
@@ -398,7 +476,8 @@ def write_generate_outputs(out_dir: str | Path, images: "torch.Tensor", w_plus: 
                            metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Write generate's images (+ one grid and one latent file per prompt); one record per file.
 
-    Names: `<slug>_s<seed>_<index:03d>.<fmt>`, `<slug>_s<seed>_grid.<fmt>`, `<slug>_s<seed>.safetensors`.
+    Names: `<slug>_s<seed>_<index:03d>.<fmt>`, `<slug>_s<seed>_grid.<fmt>`, `<slug>_s<seed>.safetensors`;
+    a name that already holds other bytes is kept and the new file gets `-2`, `-3`, ... (publish_new_file).
     Records: {"path", "role" (image|grid|latents), "prompt", "seed", "index"}.
     """
     fmt = fmt.lower()
@@ -411,17 +490,17 @@ def write_generate_outputs(out_dir: str | Path, images: "torch.Tensor", w_plus: 
         rows = [i for i, prompt in enumerate(prompt_index) if int(prompt) == p]
         for row in rows:
             index = int(sample_index[row])
-            path = out_dir / f"{slug}_s{seed}_{index:03d}.{fmt}"
-            save_image(path, images[row:row + 1], fmt,
-                       {**(metadata or {}), "prompt": text, "seed": str(seed), "index": str(index)})
+            path = save_image(out_dir / f"{slug}_s{seed}_{index:03d}.{fmt}", images[row:row + 1], fmt,
+                              {**(metadata or {}), "prompt": text, "seed": str(seed), "index": str(index)},
+                              no_clobber=True)
             records.append({"path": str(path), "role": "image", "prompt": text, "seed": seed, "index": index})
         if grid and len(rows) > 1:
-            path = out_dir / f"{slug}_s{seed}_grid.{fmt}"
-            save_image(path, make_grid(images[rows]), fmt, {**(metadata or {}), "prompt": text, "seed": str(seed)})
+            path = save_image(out_dir / f"{slug}_s{seed}_grid.{fmt}", make_grid(images[rows]), fmt,
+                              {**(metadata or {}), "prompt": text, "seed": str(seed)}, no_clobber=True)
             records.append({"path": str(path), "role": "grid", "prompt": text, "seed": seed})
         if save_latents:
-            path = out_dir / f"{slug}_s{seed}.safetensors"
-            save_latent(path, w_plus[rows], {**(metadata or {}), "prompt": text, "seed": str(seed)})
+            path = save_latent(out_dir / f"{slug}_s{seed}.safetensors", w_plus[rows],
+                               {**(metadata or {}), "prompt": text, "seed": str(seed)}, no_clobber=True)
             records.append({"path": str(path), "role": "latents", "prompt": text, "seed": seed})
     return records
 
@@ -445,10 +524,10 @@ def write_edit_outputs(out_dir: str | Path, stem: str, source: "torch.Tensor", r
     ]
     records = []
     for role, path, image in outputs:
-        save_png(path, image, {**meta, "role": role})
+        path = save_png(path, image, {**meta, "role": role}, no_clobber=True)
         records.append({"path": str(path), "role": role})
-    latent_path = out_dir / f"{base}_edited.safetensors"
-    save_latent(latent_path, w_plus_edited[:1], {**meta, "role": "latent"})
+    latent_path = save_latent(out_dir / f"{base}_edited.safetensors", w_plus_edited[:1], {**meta, "role": "latent"},
+                              no_clobber=True)
     records.append({"path": str(latent_path), "role": "latent"})
     return records
 
@@ -467,8 +546,8 @@ def write_interpolation_outputs(out_dir: str | Path | None, name: str, frames: "
     if out_dir is not None:
         directory = check_output_dir(out_dir)
         for index in range(frames.shape[0]):
-            path = directory / f"{name}_{index:03d}.png"
-            save_png(path, frames[index:index + 1], {**(metadata or {}), "frame": str(index)})
+            path = save_png(directory / f"{name}_{index:03d}.png", frames[index:index + 1],
+                            {**(metadata or {}), "frame": str(index)}, no_clobber=True)
             records.append({"path": str(path), "role": "frame", "index": index})
     pixels = list(to_uint8(frames))
     if gif is not None:
