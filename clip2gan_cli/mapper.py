@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, UserInputError
+from .errors import CheckpointError, OutputError, UserInputError
 from .fileutil import atomic_path
 
 CONFIG_METADATA_KEY = "clip2gan.mapper_config"
@@ -184,7 +184,10 @@ def save_mapper(mapper: Mapper, path: str | Path, metadata: dict[str, str] | Non
     header[CONFIG_METADATA_KEY] = json.dumps(mapper.config.to_dict(), sort_keys=True)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in mapper.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+        except Exception as error:  # safetensors reports a full disk as its own error type
+            raise OutputError(f"cannot write {path}: {_first_line(error)}") from error
     return Path(path)
 
 

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -589,7 +590,13 @@ def save_mapper_reproducibly(mapper: Mapper, path: Path, metadata: dict[str, str
 
 def write_checkpoint_file(state: dict[str, Any], path: Path) -> None:
     """Serialise a checkpoint dict (the one place that writes bytes; tests inject failures here)."""
-    torch.save(state, path)
+    try:
+        torch.save(state, path)
+    except RuntimeError as error:  # torch reports a failed write (a full disk: "unexpected pos") this way
+        free_mib = shutil.disk_usage(path.parent).free / 2**20
+        detail = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise OutputError(f"cannot write a checkpoint in {path.parent} ({free_mib:.1f} MiB free on that disk): "
+                          f"{detail}", hint="free some space and resume with --resume") from error
 
 
 def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
