@@ -4,7 +4,8 @@ Each property is "a clean result or the project's own error, never anything else
 parser (RegistryError), `TEXT:BETA` (UserInputError), prompt slugs (file-name safe, injective),
 stdin prompt decoding (UserInputError for non-UTF-8) and image loading (ImageError for random
 bytes and mutated PNG/JPEG/GIF files). Examples are few and deadlines off, so the whole file runs
-in a few seconds in CI (CLIP2GAN_FUZZ_EXAMPLES raises the count for a longer run); the database is off so nothing is written into the repository.
+in a few seconds in CI (CLIP2GAN_FUZZ_EXAMPLES raises the count for a longer run); the database
+is off, so nothing is written into the repository.
 """
 from __future__ import annotations
 

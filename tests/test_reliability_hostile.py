@@ -28,7 +28,7 @@ import torch
 import test_hostile_checkpoints as hostile
 from _nvidia_pickles import dumps_snapshot
 from cli_helpers import assert_one_line_error, written_files
-from test_download import server, write_registry  # noqa: F401 (fixture)
+from test_download import server, write_registry  # noqa: F401 (server is a fixture)
 from test_hostile_checkpoints import marker, tiny_state  # noqa: F401 (fixtures)
 from test_metrics_eval import write_noise_images
 from tiny_models import tiny_pack  # noqa: F401
@@ -81,7 +81,7 @@ def _assert_marker_absent(marker: Path) -> None:
     assert not marker.exists(), "the payload ran"
 
 
-def test_download_weights_refuses_to_convert_a_hostile_checkpoint(server, tmp_path, cli_runner, clip2gan_home,  # noqa: F811
+def test_download_weights_refuses_to_convert_a_hostile_checkpoint(server, tmp_path, cli_runner, clip2gan_home,
                                                                  hostile_file, marker):
     name, data = hostile_file
     fmt = "rosinality-pt" if name.startswith("pt-") else "nvidia-pkl"
@@ -96,7 +96,7 @@ def test_download_weights_refuses_to_convert_a_hostile_checkpoint(server, tmp_pa
     assert not converted.exists() or not any(converted.iterdir()), "nothing may be converted from a refused file"
 
 
-def test_download_weights_converts_a_pickle_whose_only_payload_is_module_src(server, tmp_path, cli_runner,  # noqa: F811
+def test_download_weights_converts_a_pickle_whose_only_payload_is_module_src(server, tmp_path, cli_runner,
                                                                             clip2gan_home, marker, tiny_state):
     # NVIDIA's loader would exec module_src; ours never reads it, so the weights convert and nothing runs.
     data = dumps_snapshot(tiny_state, None, module_src=hostile._touch_code(marker) + "\nclass Generator: pass\n")
@@ -109,7 +109,7 @@ def test_download_weights_converts_a_pickle_whose_only_payload_is_module_src(ser
     _assert_marker_absent(marker)
 
 
-def test_generate_refuses_a_hostile_generator_file(cli_runner, tiny_pack, tmp_path, hostile_file, marker,  # noqa: F811
+def test_generate_refuses_a_hostile_generator_file(cli_runner, tiny_pack, tmp_path, hostile_file, marker,
                                                    clip2gan_home):
     name, data = hostile_file
     path = tmp_path / f"{name}.{'pt' if name.startswith('pt-') else 'pkl'}"
@@ -122,7 +122,7 @@ def test_generate_refuses_a_hostile_generator_file(cli_runner, tiny_pack, tmp_pa
     assert not (clip2gan_home / "converted").exists() or not any((clip2gan_home / "converted").iterdir())
 
 
-def test_generate_refuses_a_hostile_file_renamed_to_safetensors_as_mapper(cli_runner, tiny_pack, tmp_path,  # noqa: F811
+def test_generate_refuses_a_hostile_file_renamed_to_safetensors_as_mapper(cli_runner, tiny_pack, tmp_path,
                                                                           hostile_file, marker):
     name, data = hostile_file
     path = tmp_path / f"{name}.safetensors"
@@ -135,7 +135,7 @@ def test_generate_refuses_a_hostile_file_renamed_to_safetensors_as_mapper(cli_ru
 
 
 @pytest.mark.parametrize("name", ["pkl-posix.system", "pt-zip-builtins.eval", "pkl-nested-pickle-in-storage"])
-def test_edit_and_interpolate_refuse_a_hostile_latent_file(cli_runner, tiny_pack, tmp_path, marker, tiny_state,  # noqa: F811
+def test_edit_and_interpolate_refuse_a_hostile_latent_file(cli_runner, tiny_pack, tmp_path, marker, tiny_state,
                                                            name):
     from PIL import Image
 
@@ -151,7 +151,7 @@ def test_edit_and_interpolate_refuse_a_hostile_latent_file(cli_runner, tiny_pack
 
 
 @pytest.mark.parametrize("name", [n for n in CORPUS_NAMES if n.startswith("pt-")] + ["pkl-posix.system"])
-def test_eval_fid_refuses_hostile_inception_weights(cli_runner, tmp_path, marker, tiny_state, name):  # noqa: F811
+def test_eval_fid_refuses_hostile_inception_weights(cli_runner, tmp_path, marker, tiny_state, name):
     real = write_noise_images(tmp_path / "real", 2, seed=0)
     path = tmp_path / f"{name}.pth"
     path.write_bytes(corpus(marker, tiny_state)[name])
@@ -171,7 +171,7 @@ TRAIN_FLAGS = ["--device", "cpu", "--no-progress", "--set", "lpips_net=none", "-
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_pack):  # noqa: F811
+def trained_run(tmp_path_factory, tiny_pack):
     """A 2-step run (checkpoints at steps 1 and 2) made once; tests copy it."""
     from typer.testing import CliRunner
 
@@ -204,7 +204,7 @@ def test_train_resume_refuses_a_hostile_checkpoint(cli_runner, trained_run, tmp_
 
 
 def test_train_resume_skips_a_hostile_newest_checkpoint_and_uses_the_previous_one(cli_runner, trained_run, tmp_path,
-                                                                                 marker, tiny_state):  # noqa: F811
+                                                                                 marker, tiny_state):
     run = _copy_run(trained_run, tmp_path)
     (run / "checkpoints" / "step-00000002.pt").write_bytes(corpus(marker, tiny_state)["pt-zip-posix.system"])
     result = cli_runner(["train", "--resume", run, "--steps", "3", "--no-progress"])
