@@ -5,7 +5,7 @@ Goal (issue 2): <= 0.3 s median on this machine, which needs the CLI module to i
     python bench/cli_latency.py            # 10 fresh processes per row
     python bench/cli_latency.py -n 30 --check   # exit 1 if a row misses its goal
 
-To time another command (e.g. a cold `generate`), append a Row to `extra_rows()`.
+Also times a cold `clip2gan generate "a red circle" -n 8` (goal 5 s, issue 7); more rows go in `extra_rows()`.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +62,11 @@ def help_rows() -> list[Row]:
 
 
 def extra_rows() -> list[Row]:
-    """Rows beyond --help (add the cold generate timing here)."""
-    return []
+    """Rows beyond --help: a cold `generate` of the default shapes pack, offline, on the CPU (goal 5 s)."""
+    out = tempfile.mkdtemp(prefix="clip2gan-latency-")
+    return [Row('clip2gan generate "a red circle" -n 8',
+                ("generate", "a red circle", "-n", "8", "--out", out, "--device", "cpu"),
+                goal_s=5.0, env=(("CLIP2GAN_OFFLINE", "1"),))]
 
 
 def time_row(row: Row, command: list[str], runs: int) -> tuple[list[float], list[float]]:
