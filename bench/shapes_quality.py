@@ -5,8 +5,9 @@ it never sees the pack's CLIP or generator. Sections:
 
   generate   every colour x shape prompt ("a red circle"), n images: colour / shape / joint accuracy
   diversity  mean pixel L1 between images of one prompt; distinct positions and sizes per prompt
-  edit       real images of one colour edited toward another (text = the colour word), plain and
-             with --neutral ("a <shape>"): target-colour success; shape, size, position kept
+  edit       real images of one colour edited toward another: text = the colour word (plain, and
+             with --neutral "a <shape>"), and "a <target> <shape>" with --neutral "a <source> <shape>":
+             target-colour success; shape, size, position kept
   fd         Frechet distance in the pack's CLIP image space (metrics.fid, the eval-fid code):
              real vs real (the floor), G(z) vs real, text-generated vs real
   noise      the two readings of the diversity noise (multiplicative / additive), side by side
@@ -79,7 +80,7 @@ def section_edit(pack, checker, per_pair: int, beta: float, seed: int) -> dict:
     from clip2gan_cli.pipeline import edit
 
     rng = np.random.default_rng(seed)
-    outcomes = {"plain": [], "neutral": []}
+    outcomes = {"plain": [], "neutral": [], "described": []}
     for source_index, source in enumerate(COLOR_NAMES):
         target = COLOR_NAMES[(source_index + 1) % len(COLOR_NAMES)]
         for _ in range(per_pair):
@@ -88,8 +89,11 @@ def section_edit(pack, checker, per_pair: int, beta: float, seed: int) -> dict:
             x, y = (16 + rng.uniform(-data.JITTER, data.JITTER, 2)).tolist()
             image = torch.from_numpy(data.render(shape, source, size, background, x, y)).permute(2, 0, 1)
             image = image[None].float() / 127.5 - 1
-            for mode, neutral in (("plain", None), ("neutral", f"a {shape}")):
-                out = edit(pack.generator, pack.clip, pack.mapper, image, [(target, beta)], neutral=neutral)
+            # plain: the paper's w + beta * M(text); neutral: M(text) - M("a <shape>"); described:
+            # M("a <target> <shape>") - M("a <source> <shape>") (a user who names what the image shows).
+            for mode, text, neutral in (("plain", target, None), ("neutral", target, f"a {shape}"),
+                                        ("described", f"a {target} {shape}", f"a {source} {shape}")):
+                out = edit(pack.generator, pack.clip, pack.mapper, image, [(text, beta)], neutral=neutral)
                 before = checker.predict(out.reconstruction.float())
                 after = checker.predict(out.edited.float())
                 outcomes[mode].append({
