@@ -55,6 +55,9 @@ class MapperConfig:
     output_gain: float = 0.1               # init scale of the last layer (small initial offsets)
     noise_mode: str = "multiplicative"     # feature perturbation of L_div and generate (NOISE_MODES)
     noise_strength: float = 0.6            # its standard deviation (paper: variance 0.36)
+    # generate's noise strength; None = the training strength. A pack may set it lower: training with
+    # strong noise makes the mapper robust to the text/image feature gap, sampling with it blurs attributes
+    generation_noise_strength: float | None = None
 
     def __post_init__(self):
         if min(self.clip_dim, self.num_ws, self.w_dim, self.hidden_dim) < 1 or self.num_layers < 1:
@@ -63,6 +66,13 @@ class MapperConfig:
             raise UserInputError(f"unknown noise mode '{self.noise_mode}'", hint=f"expected {', '.join(NOISE_MODES)}")
         if not self.noise_strength >= 0:
             raise UserInputError(f"noise strength must be >= 0, got {self.noise_strength}")
+        if self.generation_noise_strength is not None and not self.generation_noise_strength >= 0:
+            raise UserInputError(f"generation noise strength must be >= 0, got {self.generation_noise_strength}")
+
+    @property
+    def sampling_noise_strength(self) -> float:
+        """The feature-noise strength generate uses (the training strength unless the pack set another)."""
+        return self.noise_strength if self.generation_noise_strength is None else self.generation_noise_strength
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

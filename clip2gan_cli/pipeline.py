@@ -101,8 +101,10 @@ def generate(generator, clip, mapper, texts: Sequence[str], n: int = 8, seed: in
              progress: Callable[[int], None] | None = None) -> GenerateResult:
     """n images for each prompt: CLIP text feature -> feature noise -> mapper -> truncation -> generator.
 
-    The feature noise is the one the mapper was trained with (`mapper.config.noise_mode/strength`,
-    override with `feature_noise=(mode, strength)`), so one prompt gives n distinct images. The noise
+    The feature noise is the kind the mapper was trained with (`mapper.config.noise_mode`, at
+    `mapper.config.sampling_noise_strength`: the training strength unless the mapper file sets a
+    generation strength; override with `feature_noise=(mode, strength)`), so one prompt gives n
+    distinct images. The noise
     of sample i is row i of a CPU draw seeded with `seed` (`sample_noise`) and is shared by all
     prompts: the same arguments give the same bytes, and `-n 4` gives the first four images of
     `-n 8` (up to float rounding of the batched matrix products).
@@ -110,7 +112,7 @@ def generate(generator, clip, mapper, texts: Sequence[str], n: int = 8, seed: in
     texts = validate_prompts(texts)
     if n < 1 or batch_size < 1:
         raise UserInputError(f"-n and the batch size must be at least 1, got {n} and {batch_size}")
-    mode, strength = feature_noise or (mapper.config.noise_mode, mapper.config.noise_strength)
+    mode, strength = feature_noise or (mapper.config.noise_mode, mapper.config.sampling_noise_strength)
     with torch.no_grad():
         text_features = clip.encode_text(texts).to(mapper.w_offset.device)      # [P, D]
         noise_rows = sample_noise(n, text_features.shape[1], seed).to(text_features.device)   # [n, D]

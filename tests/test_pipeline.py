@@ -52,6 +52,28 @@ def test_generate_uses_the_mappers_noise_and_row_i_does_not_depend_on_n(tiny_mod
     torch.testing.assert_close(fewer.w_plus, result.w_plus[:2])
 
 
+def test_a_generation_noise_strength_in_the_mapper_config_replaces_the_training_strength(tiny_models):
+    import dataclasses
+
+    models = tiny_models
+    trained = models.mapper.config
+    try:
+        models.mapper.config = dataclasses.replace(trained, generation_noise_strength=0.1)
+        result = _generate(models, n=3, seed=5)
+    finally:
+        models.mapper.config = trained
+    expected = _generate(models, n=3, seed=5, feature_noise=(trained.noise_mode, 0.1))
+    torch.testing.assert_close(result.w_plus, expected.w_plus)
+    assert not torch.allclose(result.w_plus, _generate(models, n=3, seed=5).w_plus)
+
+
+def test_a_negative_generation_noise_strength_is_refused(tiny_models):
+    import dataclasses
+
+    with pytest.raises(UserInputError, match="generation noise strength"):
+        dataclasses.replace(tiny_models.mapper.config, generation_noise_strength=-0.1)
+
+
 def test_truncation_zero_collapses_to_the_average_latent(tiny_models):
     result = _generate(tiny_models, n=3, seed=0, truncation_psi=0.0)
     w_avg = tiny_models.generator.w_avg
