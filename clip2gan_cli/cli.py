@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -63,6 +64,11 @@ def root(
                                  help="Print the version and exit."),
 ) -> None:
     """clip2gan: generate and edit images from text with a frozen CLIP and StyleGAN2."""
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Library warnings (unknown words, long prompts) as one 'Warning:' line, without the source line."""
+    return f"Warning: {' '.join(str(message).split())}\n"
 
 
 # Shared option definitions (one place, so every command spells them the same way).
@@ -512,6 +518,8 @@ def eval_fid_command(
 
 def main() -> None:
     """Console-script entry point."""
+    if not debug_enabled():
+        warnings.formatwarning = _format_warning
     app()
 
 
