@@ -218,14 +218,7 @@ def conv2d_resample(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight
 def _conv2d_resample(x, w, f, up, down, padding, groups, flip_weight, flip_filter, cache_weight):
     """conv2d_resample; cache_weight=True lets weight-derived copies be reused while `w` is unchanged."""
     out_channels, in_per_group, kh, kw = w.shape
-    fw, fh = reference.filter_size(f)
-    px0, px1, py0, py1 = reference.parse_padding(padding)
-    if up > 1:  # room for the FIR after zero insertion
-        px0, px1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2
-        py0, py1 = py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
-    if down > 1:  # room for the FIR before decimation
-        px0, px1 = px0 + (fw - down + 1) // 2, px1 + (fw - down) // 2
-        py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
+    px0, px1, py0, py1 = reference.resample_padding(padding, f, up, down)
     if kh > 1 or kw > 1:  # 1x1 convs take either layout as is (a format copy would cost more)
         x = _in_format(x, _prefer_channels_last(x, w))
 

@@ -125,6 +125,19 @@ def _conv(x, w, stride=1, padding=0, groups=1, transpose=False, flip_weight=True
     return F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
 
 
+def resample_padding(padding, f, up: int = 1, down: int = 1) -> tuple[int, int, int, int]:
+    """The conv's own padding widened to leave room for the FIR after zero insertion / before decimation."""
+    fw, fh = filter_size(f)
+    px0, px1, py0, py1 = parse_padding(padding)
+    if up > 1:
+        px0, px1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2
+        py0, py1 = py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
+    if down > 1:
+        px0, px1 = px0 + (fw - down + 1) // 2, px1 + (fw - down) // 2
+        py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
+    return px0, px1, py0, py1
+
+
 def conv2d_resample(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight=True, flip_filter=False):
     """2-D convolution with optional FIR up/downsampling, NVIDIA's `conv2d_resample`.
 
@@ -132,14 +145,7 @@ def conv2d_resample(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight
     `padding` is the conv's own padding before the resampling adjustments.
     """
     out_channels, in_per_group, kh, kw = w.shape
-    fw, fh = filter_size(f)
-    px0, px1, py0, py1 = parse_padding(padding)
-    if up > 1:  # room for the FIR after zero insertion
-        px0, px1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2
-        py0, py1 = py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
-    if down > 1:  # room for the FIR before decimation
-        px0, px1 = px0 + (fw - down + 1) // 2, px1 + (fw - down) // 2
-        py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
+    px0, px1, py0, py1 = resample_padding(padding, f, up, down)
 
     if kw == 1 and kh == 1 and down > 1 and up == 1:  # 1x1: downsample first (cheaper)
         x = upfirdn2d(x, f, down=down, padding=[px0, px1, py0, py1], flip_filter=flip_filter)
