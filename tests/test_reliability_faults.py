@@ -39,10 +39,20 @@ def _env(**extra) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so Python installs its Ctrl-C handler.
+
+    A test run started in the background of a non-interactive shell (CI) inherits SIGINT *ignored*,
+    and Python keeps an ignored SIGINT ignored: the Ctrl-C tests would then test nothing.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _clip2gan(args, env=None, **popen) -> subprocess.Popen:
-    """`python -m clip2gan_cli ARGS` as a child process (stdout/stderr piped, text)."""
+    """`python -m clip2gan_cli ARGS` as a child process (stdout/stderr piped, text, default SIGINT)."""
     return subprocess.Popen([sys.executable, "-m", "clip2gan_cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(**(env or {})), cwd=REPO_ROOT, **popen)
+                            stderr=subprocess.PIPE, text=True, env=_env(**(env or {})), cwd=REPO_ROOT,
+                            preexec_fn=_default_sigint, **popen)
 
 
 def _wait_until(condition, timeout: float = 120.0, every: float = 0.005) -> bool:
@@ -233,7 +243,8 @@ main()
 
 def _train(args, pause: float = 0.0) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "train", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(SAVE_PAUSE=str(pause)), cwd=REPO_ROOT)
+                            stderr=subprocess.PIPE, text=True, env=_env(SAVE_PAUSE=str(pause)), cwd=REPO_ROOT,
+                            preexec_fn=_default_sigint)
 
 
 def _kill_when(process: subprocess.Popen, wanted: str, sig=signal.SIGKILL, delay: float = 0.0,
