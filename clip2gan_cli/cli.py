@@ -257,7 +257,8 @@ def generate_command(
     if image_format.lower() not in imageio.IMAGE_FORMATS:
         raise UserInputError(f"unknown --format '{image_format}'", hint="use png or jpg")
     imageio.check_output_dir(out)
-    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend)
+    # text only: generate never encodes images, and a text-only CLIP skips importing open_clip
+    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend, text_only=True)
     bar, advance = _progress("Generating", len(texts) * n)
     with bar:
         result = pipeline.generate(models.generator, models.clip, models.mapper, texts, n=n, seed=seed,
@@ -274,9 +275,15 @@ def generate_command(
 def edit_command(
     image: Path = typer.Argument(..., metavar="IMAGE", help="Image to edit."),
     text: Optional[str] = typer.Argument(None, metavar="TEXT", help="Edit text (weight: --beta)."),
-    beta: str = typer.Option("2", "--beta", help="Strength of TEXT's edit."),
+    beta: Optional[str] = typer.Option(None, "--beta", help="Strength of TEXT's edit (default: the mapper's, else 2)."),
     edits: List[str] = typer.Option([], "--edit", metavar="TEXT:BETA", help="More edits (repeatable)."),
     neutral: Optional[str] = typer.Option(None, "--neutral", help="Neutral text: directions become M(t) - M(neutral)."),
+    direction: Optional[str] = typer.Option(
+        None, "--direction", metavar="text|image",
+        help="text: n = M(C_text(t)) (the paper); image: n = M(C_img(x) + C_text(t)) - M(C_img(x)) "
+             "(default: the mapper's, else text)."),
+    layers: Optional[str] = typer.Option(None, "--layers", metavar="START:STOP",
+                                         help="W+ rows the edit moves, e.g. 2: (default: the mapper's, else all)."),
     align: Optional[bool] = typer.Option(None, "--align/--no-align", help="MTCNN face alignment (default: face packs)."),
     refine_steps: int = typer.Option(0, "--refine-steps", help="Optimise the inverted W+ this many steps first."),
     latent: Optional[Path] = typer.Option(None, "--latent", help="Start from this W+ file instead of inverting."),
@@ -289,15 +296,20 @@ def edit_command(
     device: str = device_option(),
     backend: str = backend_option(),
 ) -> None:
-    """Edit an image with text: w' = M(C_img(x)) + sum(beta * M(C_text(t)))."""
+    """Edit an image with text: w' = M(C_img(x)) + sum(beta * n(t))."""
     from . import imageio, pipeline
     from .device import resolve_device
     from .errors import UserInputError
+    from .mapper import EDIT_DIRECTIONS
     from .packs import output_metadata, select_models
 
-    requested = ([(text, pipeline.parse_beta(beta))] if text is not None else []) + [pipeline.parse_edit(e) for e in edits]
+    text_beta = pipeline.parse_beta(beta) if beta is not None else None
+    requested = ([(text, text_beta)] if text is not None else []) + [pipeline.parse_edit(e) for e in edits]
     if not requested:
         raise UserInputError("no edit given", hint="give TEXT (with --beta) or --edit TEXT:BETA")
+    if direction is not None and direction not in EDIT_DIRECTIONS:
+        raise UserInputError(f"unknown --direction '{direction}'", hint=f"expected {' or '.join(EDIT_DIRECTIONS)}")
+    row_range = pipeline.parse_layers(layers) if layers is not None else None
     if refine_steps < 0:
         raise UserInputError(f"--refine-steps must be >= 0, got {refine_steps}")
     imageio.read_image(image)  # bad images fail before any model loads
@@ -306,16 +318,24 @@ def edit_command(
     resolution = models.generator.img_resolution
     source = imageio.load_image_tensor(image, resolution, align=models.is_face_pack if align is None else align)
     w_plus = imageio.load_latent(latent, models.generator.num_ws, models.generator.w_dim)[:1] if latent else None
+    recommended = models.mapper.config  # the mapper's own edit defaults fill what the command line left out
+    default_beta = recommended.edit_beta if recommended.edit_beta is not None else 2.0
+    requested = [(t, b if b is not None else default_beta) for t, b in requested]
+    direction = direction or recommended.edit_direction
+    row_range = row_range if layers is not None else recommended.edit_layers
+    pipeline.layer_mask(models.generator.num_ws, row_range)  # a bad --layers fails before any work
     bar, advance = _progress("Refining", refine_steps)
     with bar:
         result = pipeline.edit(models.generator, models.clip, models.mapper, source, requested, neutral=neutral,
                                refine_steps=refine_steps, lpips=_refine_lpips(refine_steps),
-                               w_plus=w_plus, progress=advance)
+                               w_plus=w_plus, direction=direction, layers=row_range, progress=advance)
     label = "+".join(f"{t}:{b:g}" for t, b in requested) + (f"-vs-{neutral}" if neutral else "")
+    rows = "all" if row_range is None else ":".join("" if v is None else str(v) for v in row_range)
     records = imageio.write_edit_outputs(out, image.stem, source, result.reconstruction, result.edited,
                                          result.w_plus_edited, label,
                                          metadata=output_metadata(models, source=image.name, edits=label,
-                                                                  neutral=neutral or ""))
+                                                                  neutral=neutral or "", direction=direction,
+                                                                  layers=rows))
     _emit(records, json_out)
 
 

@@ -39,6 +39,7 @@ CONFIG_METADATA_KEY = "clip2gan.mapper_config"
 FORMAT_METADATA_KEY = "clip2gan.format"
 FORMAT_NAME = "clip2gan-mapper-v1"
 NOISE_MODES = ("multiplicative", "additive", "none")
+EDIT_DIRECTIONS = ("text", "image")  # see pipeline.edit_directions
 
 
 @dataclass
@@ -58,6 +59,11 @@ class MapperConfig:
     # generate's noise strength; None = the training strength. A pack may set it lower: training with
     # strong noise makes the mapper robust to the text/image feature gap, sampling with it blurs attributes
     generation_noise_strength: float | None = None
+    # edit's defaults for this mapper (the CLI's --direction/--layers/--beta override them). The paper's
+    # form is "text" on every W+ row with beta 2; a pack stores what it measured to work best.
+    edit_direction: str = "text"
+    edit_layers: tuple[int | None, int | None] | None = None  # W+ rows [start, stop) an edit moves; None = all
+    edit_beta: float | None = None
 
     def __post_init__(self):
         if min(self.clip_dim, self.num_ws, self.w_dim, self.hidden_dim) < 1 or self.num_layers < 1:
@@ -68,6 +74,15 @@ class MapperConfig:
             raise UserInputError(f"noise strength must be >= 0, got {self.noise_strength}")
         if self.generation_noise_strength is not None and not self.generation_noise_strength >= 0:
             raise UserInputError(f"generation noise strength must be >= 0, got {self.generation_noise_strength}")
+        if self.edit_direction not in EDIT_DIRECTIONS:
+            raise UserInputError(f"unknown edit direction '{self.edit_direction}'",
+                                 hint=f"expected {', '.join(EDIT_DIRECTIONS)}")
+        if self.edit_layers is not None:
+            if len(self.edit_layers) != 2 or not all(v is None or isinstance(v, int) for v in self.edit_layers):
+                raise UserInputError(f"edit layers must be [start, stop] (ints or null), got {self.edit_layers}")
+            self.edit_layers = tuple(self.edit_layers)  # JSON gives a list
+        if self.edit_beta is not None and not math.isfinite(self.edit_beta):
+            raise UserInputError(f"edit beta must be a finite number, got {self.edit_beta}")
 
     @property
     def sampling_noise_strength(self) -> float:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserInputError
-from .mapper import perturb_clip_features
+from .mapper import EDIT_DIRECTIONS, perturb_clip_features
 
 
 @dataclass
@@ -37,9 +37,9 @@ class EditResult:
 
     w_plus: torch.Tensor          # [N, num_ws, w_dim] inverted (and refined) code
     reconstruction: torch.Tensor  # [N, 3, R, R] G(w_plus)
-    w_plus_edited: torch.Tensor   # [N, num_ws, w_dim] w_plus + sum(beta * direction)
+    w_plus_edited: torch.Tensor   # [N, num_ws, w_dim] w_plus + sum(beta * direction) on the edited rows
     edited: torch.Tensor          # [N, 3, R, R] G(w_plus_edited)
-    directions: torch.Tensor      # [len(edits), num_ws, w_dim] the direction of each edit text
+    directions: torch.Tensor      # [len(edits), N, num_ws, w_dim] the direction of each edit text, per image
 
 
 def validate_prompts(texts: Sequence[str]) -> list[str]:
@@ -138,17 +138,66 @@ def sample_noise(n: int, dim: int, seed: int) -> torch.Tensor:
     return torch.stack([torch.randn(dim, generator=source, dtype=torch.float32) for _ in range(n)])
 
 
-def edit_directions(clip, mapper, edits: Sequence[tuple[str, float]], neutral: str | None = None) -> torch.Tensor:
-    """Direction of each edit text: n = M(C_text(t)), or M(C_text(t)) - M(C_text(neutral)) with a neutral text.
+def edit_directions(clip, mapper, edits: Sequence[tuple[str, float]], neutral: str | None = None,
+                    direction: str = "text", image_features: torch.Tensor | None = None) -> torch.Tensor:
+    """The W+ direction of each edit text: [len(edits), N, num_ws, w_dim] (N = 1 for "text").
 
-    The paper adds M(C_text(t)) itself; the neutral form (our option) removes what the edit text
-    shares with a plain description ("a face"), so only the named attribute moves.
+    "text" (the paper): n = M(C_text(t)), or M(C_text(t)) - M(C_text(neutral)) with a neutral text,
+    which removes what the edit text shares with a plain description ("a face").
+    "image": the mapper's response, at the image itself, to moving its CLIP feature f = C_img(x) by
+    the text: n = M(f + d) - M(f) with d = C_text(t) (- C_text(neutral)); needs `image_features`
+    [N, D]. For a linear mapper both agree (up to the paper form's bias); the mapper is not linear,
+    and evaluating it at the image keeps it on the image's part of W+ (measured in
+    docs/shapes_pack.md).
     """
+    if direction not in EDIT_DIRECTIONS:
+        raise UserInputError(f"unknown edit direction '{direction}'", hint=f"expected {', '.join(EDIT_DIRECTIONS)}")
     texts = [text for text, _ in edits]
-    directions = text_latents(clip, mapper, texts)
-    if neutral is not None:
-        directions = directions - text_latents(clip, mapper, [neutral])
+    device = mapper.w_offset.device
+    if direction == "text":
+        directions = text_latents(clip, mapper, texts)
+        if neutral is not None:
+            directions = directions - text_latents(clip, mapper, [neutral])
+        return directions.unsqueeze(1).cpu()
+    if image_features is None:
+        raise UserInputError("image edit directions need the image's CLIP features")
+    with torch.no_grad():
+        text_offsets = clip.encode_text(validate_prompts(texts)).to(device)            # [E, D]
+        if neutral is not None:
+            text_offsets = text_offsets - clip.encode_text(validate_prompts([neutral])).to(device)
+        image_features = image_features.to(device)
+        at_image = mapper(image_features).float()                                          # [N, num_ws, w_dim]
+        directions = torch.stack([mapper(image_features + offset).float() - at_image for offset in text_offsets])
     return directions.cpu()
+
+
+def parse_layers(spec: str) -> tuple[int | None, int | None]:
+    """`START:STOP` (either end may be left out, as in a Python slice) -> (start, stop) of W+ rows."""
+    start, sep, stop = spec.strip().partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        bounds = tuple(int(part) if part.strip() else None for part in (start, stop))
+    except ValueError:
+        raise UserInputError(f"--layers must be START:STOP (e.g. 2: or 0:4), got '{spec}'") from None
+    if any(bound is not None and bound < 0 for bound in bounds):
+        raise UserInputError(f"--layers takes row numbers >= 0, got '{spec}'")
+    return bounds
+
+
+def layer_mask(num_ws: int, layers: tuple[int | None, int | None] | None) -> torch.Tensor:
+    """[num_ws, 1] with 1 on the W+ rows an edit moves (all when `layers` is None), 0 elsewhere."""
+    mask = torch.zeros(num_ws, 1)
+    if layers is None:
+        return mask + 1
+    start, stop = layers
+    start, stop = 0 if start is None else start, num_ws if stop is None else stop
+    if not 0 <= start < stop <= num_ws:
+        raise UserInputError(f"--layers {layers[0] if layers[0] is not None else ''}:"
+                             f"{layers[1] if layers[1] is not None else ''} selects no rows of this generator's "
+                             f"{num_ws} W+ rows", hint=f"rows run from 0 to {num_ws - 1}")
+    mask[start:stop] = 1
+    return mask
 
 
 def refine_inversion(generator, w_plus: torch.Tensor, target: torch.Tensor, steps: int, lr: float = 0.01,
@@ -181,13 +230,17 @@ def refine_inversion(generator, w_plus: torch.Tensor, target: torch.Tensor, step
 
 def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str, float]],
          neutral: str | None = None, refine_steps: int = 0, lpips=None, w_plus: torch.Tensor | None = None,
-         refine_lr: float = 0.01, noise_mode: str = "const",
+         refine_lr: float = 0.01, noise_mode: str = "const", direction: str = "text",
+         layers: tuple[int | None, int | None] | None = None,
          progress: Callable[[int], None] | None = None) -> EditResult:
     """Text edits of images: w = M(C_img(x)) (optionally refined); w' = w + sum(beta * n_text).
 
     image: [N, 3, R, R] in [-1, 1] at the generator's resolution (ignored for inversion when `w_plus`
-    is given, e.g. from a saved latent file; still the refinement target when refine_steps > 0).
+    is given, e.g. from a saved latent file; still the refinement target when refine_steps > 0, and
+    the point "image" directions are taken at).
     edits: (text, beta) pairs (an empty list gives just the reconstruction).
+    direction: "text" (the paper) or "image" (see `edit_directions`); layers: the W+ rows
+    [start, stop) the edit moves (None: all), e.g. (2, None) leaves the coarsest rows alone.
     """
     for text, beta in edits:
         validate_prompts([text])
@@ -195,8 +248,16 @@ def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str
             raise UserInputError(f"beta for '{text}' must be a number, got {beta!r}")
     if neutral is not None:
         validate_prompts([neutral])
+    if direction not in EDIT_DIRECTIONS:
+        raise UserInputError(f"unknown edit direction '{direction}'", hint=f"expected {', '.join(EDIT_DIRECTIONS)}")
+    mask = layer_mask(generator.num_ws, layers)
+    image_features = None
+    if direction == "image" or w_plus is None:
+        with torch.no_grad():
+            image_features = clip.encode_image(image)
     if w_plus is None:
-        w_plus = invert(clip, mapper, image).cpu()
+        with torch.no_grad():
+            w_plus = mapper(image_features.to(mapper.w_offset.device)).float().cpu()
     else:
         w_plus = w_plus.detach().float().cpu()
     if w_plus.shape[1:] != (generator.num_ws, generator.w_dim):
@@ -205,15 +266,16 @@ def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str
     if refine_steps > 0:
         w_plus = refine_inversion(generator, w_plus, image, refine_steps, lr=refine_lr, lpips=lpips,
                                   noise_mode=noise_mode, progress=progress)
+    count = w_plus.shape[0]
     if edits:
-        directions = edit_directions(clip, mapper, edits, neutral)
-        betas = torch.tensor([float(beta) for _, beta in edits]).view(-1, 1, 1)
-        w_plus_edited = w_plus + (betas * directions).sum(0, keepdim=True)
+        directions = edit_directions(clip, mapper, edits, neutral, direction, image_features)
+        directions = directions.expand(-1, count, -1, -1)
+        betas = torch.tensor([float(beta) for _, beta in edits]).view(-1, 1, 1, 1)
+        w_plus_edited = w_plus + mask * (betas * directions).sum(0)
     else:
-        directions = torch.zeros(0, generator.num_ws, generator.w_dim)
+        directions = torch.zeros(0, count, generator.num_ws, generator.w_dim)
         w_plus_edited = w_plus.clone()
     both = synthesize(generator, torch.cat([w_plus, w_plus_edited]), noise_mode=noise_mode)
-    count = w_plus.shape[0]
     return EditResult(w_plus=w_plus, reconstruction=both[:count], w_plus_edited=w_plus_edited,
                       edited=both[count:], directions=directions)
 

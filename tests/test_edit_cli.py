@@ -60,6 +60,32 @@ def test_neutral_changes_the_result(cli_runner, tiny_pack, tmp_path, input_image
     assert not np.array_equal(read(plain), read(neutral))
 
 
+def test_the_mappers_edit_defaults_apply_and_flags_override_them(cli_runner, tmp_path, input_image):
+    import dataclasses
+
+    from clip2gan_cli.imageio import load_latent, read_png_metadata
+    from clip2gan_cli.mapper import load_mapper, save_mapper
+
+    pack = make_tiny_pack(tmp_path / "pack")
+    mapper = load_mapper(pack.mapper)
+    mapper.config = dataclasses.replace(mapper.config, edit_direction="image", edit_layers=(2, None), edit_beta=0.5)
+    save_mapper(mapper, pack.mapper)
+
+    def run(out, *args):
+        result = cli_runner(["edit", input_image, "blue", *args, *pack.cli_args(), "--out", tmp_path / out, "--json"])
+        assert result.exit_code == 0, result.stderr
+        records = [json.loads(line) for line in result.stdout.splitlines()]
+        edited = next(r["path"] for r in records if r["role"] == "edited")
+        latent = next(r["path"] for r in records if r["role"] == "latent")
+        return read_png_metadata(edited), load_latent(latent, 6, 32)
+
+    metadata, w_default = run("default")
+    assert (metadata["direction"], metadata["layers"], metadata["edits"]) == ("image", "2:", "blue:0.5")
+    metadata, w_flags = run("flags", "--direction", "text", "--layers", "0:6", "--beta", "2")
+    assert (metadata["direction"], metadata["layers"], metadata["edits"]) == ("text", "0:6", "blue:2")
+    assert not torch.allclose(w_default, w_flags)
+
+
 def test_from_a_saved_latent_and_with_refinement(cli_runner, tiny_pack, tmp_path, input_image):
     generated = cli_runner(["generate", "a red circle", "-n", "1", "--save-latents", *tiny_pack.cli_args(),
                             "--out", tmp_path / "gen"])
@@ -107,6 +133,10 @@ def test_bad_images(cli_runner, tiny_pack, tmp_path):
     (["", "--beta", "1"], ["empty prompt"]),
     ([], ["no edit given"]),
     (["blue", "--refine-steps", "-1"], ["--refine-steps must be >= 0"]),
+    (["blue", "--direction", "pixels"], ["unknown --direction 'pixels'", "text or image"]),
+    (["blue", "--layers", "2"], ["--layers must be START:STOP"]),
+    (["blue", "--layers", "4:2"], ["selects no rows", "6 W+ rows"]),
+    (["blue", "--layers", "9:"], ["selects no rows"]),
 ])
 def test_bad_edit_arguments(cli_runner, tiny_pack, tmp_path, input_image, args, fragments):
     result = _edit(cli_runner, tiny_pack, tmp_path / "out", input_image, *args)

@@ -77,6 +77,19 @@ def test_load_errors_are_one_line_project_errors(tmp_path):
         load_mapper(lying)
 
 
+def test_edit_defaults_round_trip_and_bad_ones_are_refused(tmp_path):
+    mapper = Mapper(config=MapperConfig(clip_dim=4, num_ws=3, w_dim=2, hidden_dim=4, num_layers=2,
+                                        edit_direction="image", edit_layers=(1, None), edit_beta=1.25))
+    loaded = load_mapper(save_mapper(mapper, tmp_path / "m.safetensors"))
+    assert (loaded.config.edit_direction, loaded.config.edit_layers, loaded.config.edit_beta) == ("image", (1, None), 1.25)
+    base = {"clip_dim": 4, "num_ws": 2, "w_dim": 2}
+    for bad, message in (({"edit_direction": "pixels"}, "unknown edit direction"),
+                         ({"edit_layers": [1, 2, 3]}, "edit layers"), ({"edit_layers": ["a", None]}, "edit layers"),
+                         ({"edit_beta": float("nan")}, "finite")):
+        with pytest.raises(UserInputError, match=message):
+            MapperConfig.from_dict({**base, **bad})
+
+
 def test_config_from_a_newer_version_names_the_unknown_key():
     with pytest.raises(CheckpointError, match="unknown key.*wings"):
         MapperConfig.from_dict({"clip_dim": 4, "num_ws": 2, "w_dim": 2, "wings": 2})

@@ -107,8 +107,54 @@ def test_edit_with_neutral_text_uses_the_difference_of_mapped_texts(tiny_models)
     result = pipeline.edit(models.generator, models.clip, models.mapper, image, [("a blue circle", 1.0)],
                            neutral="a circle")
     mapped = pipeline.text_latents(models.clip, models.mapper, ["a blue circle", "a circle"])
-    torch.testing.assert_close(result.directions[0], mapped[0] - mapped[1])
+    torch.testing.assert_close(result.directions[0, 0], mapped[0] - mapped[1])
     torch.testing.assert_close(result.w_plus_edited, result.w_plus + (mapped[0] - mapped[1]))
+
+
+def test_image_direction_is_the_mappers_response_at_the_image(tiny_models):
+    models = tiny_models
+    images = _generate(models, ["a red circle", "a blue square"], n=1, seed=4).images
+    result = pipeline.edit(models.generator, models.clip, models.mapper, images, [("a green circle", 1.5)],
+                           neutral="a red circle", direction="image")
+    with torch.no_grad():
+        features = models.clip.encode_image(images)
+        offset = models.clip.encode_text(["a green circle"]) - models.clip.encode_text(["a red circle"])
+        expected = models.mapper(features + offset) - models.mapper(features)
+    assert result.directions.shape == (1, 2, models.generator.num_ws, models.generator.w_dim)
+    torch.testing.assert_close(result.directions[0], expected)
+    torch.testing.assert_close(result.w_plus_edited, result.w_plus + 1.5 * expected)
+    # per image: the two images get different directions (the text form gives both the same)
+    assert not torch.allclose(result.directions[0, 0], result.directions[0, 1])
+    text_form = pipeline.edit(models.generator, models.clip, models.mapper, images, [("a green circle", 1.5)],
+                              neutral="a red circle")
+    torch.testing.assert_close(text_form.directions[0, 0], text_form.directions[0, 1])
+
+
+def test_edit_layers_move_only_the_chosen_rows(tiny_models):
+    models = tiny_models
+    image = _generate(models, n=1, seed=5).images
+    num_ws = models.generator.num_ws
+    full = pipeline.edit(models.generator, models.clip, models.mapper, image, [("blue", 2.0)])
+    part = pipeline.edit(models.generator, models.clip, models.mapper, image, [("blue", 2.0)], layers=(2, None))
+    torch.testing.assert_close(part.w_plus_edited[:, :2], part.w_plus[:, :2])
+    torch.testing.assert_close(part.w_plus_edited[:, 2:], full.w_plus_edited[:, 2:])
+    assert not torch.allclose(full.w_plus_edited[:, :2], full.w_plus[:, :2])
+    for bad in ((num_ws, None), (3, 3), (0, num_ws + 1)):
+        with pytest.raises(UserInputError, match="selects no rows"):
+            pipeline.edit(models.generator, models.clip, models.mapper, image, [("blue", 2.0)], layers=bad)
+    with pytest.raises(UserInputError, match="unknown edit direction"):
+        pipeline.edit(models.generator, models.clip, models.mapper, image, [("blue", 2.0)], direction="pixels")
+
+
+@pytest.mark.parametrize("spec, expected", [("2:", (2, None)), (":4", (None, 4)), ("1:3", (1, 3)), (" 0 : 8 ", (0, 8))])
+def test_parse_layers(spec, expected):
+    assert pipeline.parse_layers(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["2", "a:b", "1:2:3", "-1:", ""])
+def test_parse_layers_rejects_malformed_specs(spec):
+    with pytest.raises(UserInputError, match="--layers"):
+        pipeline.parse_layers(spec)
 
 
 def test_edit_without_edits_reconstructs_and_from_a_given_latent(tiny_models):
