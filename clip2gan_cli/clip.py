@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import text_tower
 from .device import place_model, resolve_device
 from .errors import CheckpointError, UserInputError, WeightsNotFoundError
 
@@ -208,7 +209,8 @@ def _default_tokenizer(model_name: str | None, model_cfg: dict[str, Any],
 
 def load_clip(model_name: str = DEFAULT_CLIP_MODEL, pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
               weights_path: str | Path | None = None, config: dict[str, Any] | None = None,
-              tokenizer: Callable | None = None, device="auto", dtype: torch.dtype | None = None) -> ClipModel:
+              tokenizer: Callable | None = None, device="auto", dtype: torch.dtype | None = None,
+              text_only: bool = False) -> ClipModel:
     """Build a frozen ClipModel from local files only.
 
     model_name: an open_clip architecture name (ViT-B-16, ViT-B-32-quickgelu, ...) or a label for
@@ -218,7 +220,9 @@ def load_clip(model_name: str = DEFAULT_CLIP_MODEL, pretrained: str | None = DEF
         (tests, or a CLIP about to be trained). config: an open_clip model config dict for custom
         architectures: either the model config itself or a pack's clip_config.json dict
         ({"model_cfg", "tokenizer", "image_mean", "image_std"}). tokenizer: a callable
-        list[str] -> LongTensor (default: open_clip's BPE tokenizer).
+        list[str] -> LongTensor (default: open_clip's BPE tokenizer). text_only: the caller only
+        encodes text; a config with its own tokenizer and safetensors weights then loads just the
+        text tower without importing open_clip (`text_tower`), which saves seconds per command.
     """
     if weights_path is None and pretrained and Path(str(pretrained)).is_file():
         weights_path, pretrained = pretrained, None
@@ -226,9 +230,13 @@ def load_clip(model_name: str = DEFAULT_CLIP_MODEL, pretrained: str | None = DEF
         raise WeightsNotFoundError(f"no local weights file for CLIP {model_name}:{pretrained}",
                                    hint="run `clip2gan download-weights` for it, or pass a weights file")
     model_cfg = resolve_clip_config(model_name, pretrained, config)
-    model = build_clip_module(model_cfg)
-    if weights_path is not None:
-        _load_clip_weights(model, Path(weights_path), model_name)
+    if text_only and tokenizer is None and (config or {}).get("tokenizer") and weights_path is not None \
+            and Path(weights_path).suffix == ".safetensors" and text_tower.supports(model_cfg):
+        model = _load_text_tower(model_cfg, Path(weights_path), model_name)
+    else:
+        model = build_clip_module(model_cfg)
+        if weights_path is not None:
+            _load_clip_weights(model, Path(weights_path), model_name)
     vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     image_size = vision_cfg.get("image_size", 224)
     image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
@@ -273,6 +281,18 @@ def _load_clip_weights(model: torch.nn.Module, path: Path, model_name: str) -> N
             from error
 
 
+def _load_text_tower(model_cfg: dict[str, Any], path: Path, model_name: str) -> torch.nn.Module:
+    """text_tower.load_text_tower with load_clip's errors."""
+    if not path.is_file():
+        raise WeightsNotFoundError(f"CLIP weights file not found: {path}")
+    try:
+        return text_tower.load_text_tower(model_cfg, path)
+    except Exception as error:  # corrupt file or wrong architecture: one message, as _load_clip_weights
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot load CLIP weights {path.name} into {model_name}: {first_line[:200]}") \
+            from error
+
+
 def _is_torchscript_archive(path: Path) -> bool:
     """True for a zip written by torch.jit.save (it holds code/ and constants.pkl)."""
     import zipfile
@@ -284,13 +304,13 @@ def _is_torchscript_archive(path: Path) -> bool:
 
 
 def load_clip_from_config_file(config_path: str | Path, weights_path: str | Path | None = None,
-                               device="auto") -> ClipModel:
+                               device="auto", text_only: bool = False) -> ClipModel:
     """A custom CLIP from a clip_config.json; weights default to clip.safetensors beside it."""
     config_path = Path(config_path)
     config = load_clip_config_file(config_path)
     weights_path = Path(weights_path) if weights_path is not None else config_path.with_name("clip.safetensors")
     return load_clip(config.get("model_name", config_path.stem), pretrained=None, weights_path=weights_path,
-                     config=config, device=device)
+                     config=config, device=device, text_only=text_only)
 
 
 def load_clip_config_file(path: str | Path) -> dict[str, Any]:

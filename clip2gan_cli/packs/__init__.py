@@ -100,11 +100,14 @@ def train_command(name: str) -> str:
     return f"clip2gan train --pack {name} --data DIR_OR_synthetic --out runs/{name} --export-pack {name}"
 
 
-def load_pack(name: str | None = None, device="auto", backend: str = "auto", need_mapper: bool = True) -> Pack:
+def load_pack(name: str | None = None, device="auto", backend: str = "auto", need_mapper: bool = True,
+              text_only: bool = False) -> Pack:
     """Load pack `name` (default: the builtin `shapes`) onto `device`.
 
     need_mapper=True raises NoMapperError (with the train command) for a pack without a trained
     mapper; training passes False. An unknown name raises UserInputError listing the known packs.
+    text_only=True: the caller only encodes text (generate); a custom CLIP may then load just its
+    text tower (clip.load_clip).
     """
     from ..device import resolve_device
     from ..weights import load_registry, resolve_reference
@@ -127,11 +130,13 @@ def load_pack(name: str | None = None, device="auto", backend: str = "auto", nee
     from ..clip import load_clip, load_clip_from_config_file
 
     if "clip_config" in paths:
-        clip = load_clip_from_config_file(paths["clip_config"], paths.get("clip_weights"), device=torch_device)
+        clip = load_clip_from_config_file(paths["clip_config"], paths.get("clip_weights"), device=torch_device,
+                                          text_only=text_only)
     elif entry.clip_model and entry.clip_model.endswith(".json"):
         # A local pack with a custom CLIP: clip_model is the path of its clip_config.json.
         paths["clip_config"] = Path(entry.clip_model).expanduser()
-        clip = load_clip_from_config_file(paths["clip_config"], paths.get("clip_weights"), device=torch_device)
+        clip = load_clip_from_config_file(paths["clip_config"], paths.get("clip_weights"), device=torch_device,
+                                          text_only=text_only)
     else:
         clip = load_clip(entry.clip_model, entry.clip_pretrained, weights_path=paths.get("clip_weights"),
                          device=torch_device)
@@ -177,7 +182,7 @@ def _assemble(name: str, entry, paths: dict[str, Path], clip, device, backend: s
                 device=device, backend=backend)
 
 
-def _clip_from_spec(spec: str, device):
+def _clip_from_spec(spec: str, device, text_only: bool = False):
     """A ClipModel and its files {role: path} from --clip (the same forms `train --clip` takes):
 
     a clip_config.json (weights in clip.safetensors beside it) or the directory holding both;
@@ -194,7 +199,8 @@ def _clip_from_spec(spec: str, device):
         if not path.is_file():
             raise UserInputError(f"--clip {spec}: {path} does not exist")
         weights = path.with_name("clip.safetensors")
-        return load_clip_from_config_file(path, weights, device=device), {"clip_config": path, "clip_weights": weights}
+        clip = load_clip_from_config_file(path, weights, device=device, text_only=text_only)
+        return clip, {"clip_config": path, "clip_weights": weights}
     model, _, tag = spec.partition(":")
     if not model or not tag:
         raise UserInputError(f"malformed --clip '{spec}'",
@@ -214,7 +220,7 @@ def _clip_from_spec(spec: str, device):
 
 
 def load_models(mapper: str | Path | None = None, generator: str | None = None, clip: str | None = None,
-                device="auto", backend: str = "auto", need_mapper: bool = True) -> Pack:
+                device="auto", backend: str = "auto", need_mapper: bool = True, text_only: bool = False) -> Pack:
     """Models from explicit flags: --mapper FILE, --generator SRC (registry name or file), --clip MODEL:TAG.
 
     All three are needed (the generator and CLIP of a run directory are not recorded next to its mapper).
@@ -237,20 +243,21 @@ def load_models(mapper: str | Path | None = None, generator: str | None = None, 
         paths["mapper"] = mapper_path
     generator_path = Path(generator).expanduser()
     paths["generator"] = generator_path if generator_path.is_file() else resolve_reference(generator)
-    clip_model, clip_paths = _clip_from_spec(clip, torch_device)
+    clip_model, clip_paths = _clip_from_spec(clip, torch_device, text_only)
     paths.update(clip_paths)
     return _assemble("custom", None, paths, clip_model, torch_device, backend, need_mapper)
 
 
 def select_models(pack: str | None = None, mapper: str | Path | None = None, generator: str | None = None,
-                  clip: str | None = None, device="auto", backend: str = "auto", need_mapper: bool = True) -> Pack:
+                  clip: str | None = None, device="auto", backend: str = "auto", need_mapper: bool = True,
+                  text_only: bool = False) -> Pack:
     """--pack NAME, or --mapper/--generator/--clip (not both); neither: the default pack."""
     if any((mapper, generator, clip)):
         if pack:
             raise UserInputError("give either --pack or --mapper/--generator/--clip, not both")
         return load_models(mapper=mapper, generator=generator, clip=clip, device=device, backend=backend,
-                           need_mapper=need_mapper)
-    return load_pack(pack, device=device, backend=backend, need_mapper=need_mapper)
+                           need_mapper=need_mapper, text_only=text_only)
+    return load_pack(pack, device=device, backend=backend, need_mapper=need_mapper, text_only=text_only)
 
 
 def output_metadata(pack: Pack, **extra) -> dict[str, str]:
