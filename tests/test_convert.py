@@ -15,9 +15,8 @@ from _nvidia_pickles import dumps_snapshot
 from clip2gan_cli.errors import CheckpointError, UserInputError
 from clip2gan_cli.stylegan2 import build_discriminator, build_generator, convert
 from clip2gan_cli.stylegan2.networks import Discriminator, Generator
+from parity_helpers import PARITY, assert_close, split_prefix
 
-PARITY = Path(__file__).parent / "data" / "parity"
-TOLERANCE = 1e-5
 
 
 def _load_parity(name: str) -> dict[str, torch.Tensor]:
@@ -27,17 +26,6 @@ def _load_parity(name: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
-
-
-def _split(tensors: dict, prefix: str) -> dict:
-    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-
-
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
-    error = (actual - expected).abs().max().item()
-    bound = TOLERANCE * max(1.0, expected.abs().max().item())
-    assert error <= bound, f"{name}: max|out - ref| = {error:.3g} > {bound:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +47,7 @@ def rosinality_small():
 def test_nvidia_snapshot_pickle_loads_and_reproduces_parity_outputs(tmp_path, nvidia_small, protocol,
                                                                      ordered_containers):
     pickle_path = tmp_path / f"network-snapshot-p{protocol}.pkl"
-    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D."), protocol=protocol,
+    pickle_path.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), split_prefix(nvidia_small, "D."), protocol=protocol,
                                            ordered_containers=ordered_containers))
     G = convert.load_generator(pickle_path, device="cpu", backend="reference")
     D = convert.load_discriminator(pickle_path, device="cpu", backend="reference")
@@ -88,7 +76,7 @@ def test_nvidia_snapshot_pickle_loads_and_reproduces_parity_outputs(tmp_path, nv
 def test_nvidia_pickle_recorded_conv_clamp_and_mbstd_group_are_used(tmp_path, nvidia_small):
     # conv_clamp and the mbstd group change no tensor: they must come from the recorded attributes.
     pickle_path = tmp_path / "clamped.pkl"
-    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D."),
+    pickle_path.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), split_prefix(nvidia_small, "D."),
                                            conv_clamp=(1.5, 4.0)))
     G = convert.load_generator(pickle_path, device="cpu", backend="reference")
     D = convert.load_discriminator(pickle_path, device="cpu", backend="reference")
@@ -99,14 +87,14 @@ def test_nvidia_pickle_recorded_conv_clamp_and_mbstd_group_are_used(tmp_path, nv
         assert_close("out.D.logits.img.psi1.const.clamp", D(nvidia_small["out.img.psi1.const"]),
                      nvidia_small["out.D.logits.img.psi1.const.clamp"])
     whole_batch = tmp_path / "legacy-tf-conversion.pkl"
-    whole_batch.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D."),
+    whole_batch.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), split_prefix(nvidia_small, "D."),
                                            mbstd_group_size=None))
     assert convert.load_discriminator(whole_batch, device="cpu").config.mbstd_group_size is None
 
 
 def test_nvidia_pickle_without_discriminator_gives_a_clear_error_for_D(tmp_path, nvidia_small):
     pickle_path = tmp_path / "generator-only.pkl"
-    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), None))
+    pickle_path.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), None))
     assert convert.load_generator(pickle_path, device="cpu").img_resolution == 32
     with pytest.raises(CheckpointError, match="holds no discriminator"):
         convert.load_discriminator(pickle_path, device="cpu")
@@ -114,7 +102,7 @@ def test_nvidia_pickle_without_discriminator_gives_a_clear_error_for_D(tmp_path,
 
 def test_conversion_happens_once_and_records_its_source(tmp_path, nvidia_small):
     pickle_path = tmp_path / "net.pkl"
-    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D.")))
+    pickle_path.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), split_prefix(nvidia_small, "D.")))
     out_dir = tmp_path / "converted"
     generator_path = convert.convert_checkpoint(pickle_path, out_dir=out_dir)
     assert generator_path == out_dir / "net.G.safetensors"
@@ -136,9 +124,9 @@ def test_conversion_happens_once_and_records_its_source(tmp_path, nvidia_small):
     convert.convert_checkpoint(pickle_path, out_dir=out_dir)
     assert generator_path.stat().st_mtime_ns == first_write, "same sha256: reused"
 
-    changed = _split(nvidia_small, "G.")
+    changed = split_prefix(nvidia_small, "G.")
     changed["mapping.w_avg"] = changed["mapping.w_avg"] + 1.0
-    pickle_path.write_bytes(dumps_snapshot(changed, _split(nvidia_small, "D.")))
+    pickle_path.write_bytes(dumps_snapshot(changed, split_prefix(nvidia_small, "D.")))
     convert.convert_checkpoint(pickle_path, out_dir=out_dir)
     G = convert.load_generator(generator_path, device="cpu")
     torch.testing.assert_close(G.w_avg, changed["mapping.w_avg"], rtol=0, atol=0)
@@ -146,13 +134,13 @@ def test_conversion_happens_once_and_records_its_source(tmp_path, nvidia_small):
 
 def test_convert_checkpoint_defaults_to_the_cache(tmp_path, nvidia_small, clip2gan_home):
     pickle_path = tmp_path / "ffhq.pkl"
-    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), None))
+    pickle_path.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), None))
     assert convert.convert_checkpoint(pickle_path) == clip2gan_home / "converted" / "ffhq.G.safetensors"
 
 
 def test_registry_name_is_fetched_converted_and_loaded(tmp_path, nvidia_small, monkeypatch, clip2gan_home):
     pickle_path = tmp_path / "stylegan2-tiny-32x32.pkl"
-    pickle_path.write_bytes(dumps_snapshot(_split(nvidia_small, "G."), _split(nvidia_small, "D.")))
+    pickle_path.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), split_prefix(nvidia_small, "D.")))
     fetched = []
 
     def fake_fetch(name, registry=None, progress=True):
@@ -188,8 +176,8 @@ def _rosinality_mean_latent(g_state: dict, samples: int, seed: int) -> torch.Ten
 
 
 def test_rosinality_converted_file_with_latent_avg_loads(tmp_path, rosinality_small):
-    checkpoint = {"g_ema": _split(rosinality_small, "g_ema."), "latent_avg": rosinality_small["latent_avg"],
-                  "d": _split(rosinality_small, "d.")}
+    checkpoint = {"g_ema": split_prefix(rosinality_small, "g_ema."), "latent_avg": rosinality_small["latent_avg"],
+                  "d": split_prefix(rosinality_small, "d.")}
     path = tmp_path / "stylegan2-ffhq-config-f.pt"
     torch.save(checkpoint, path)
     G = convert.load_generator(path, device="cpu", backend="reference")
@@ -204,10 +192,10 @@ def test_rosinality_converted_file_with_latent_avg_loads(tmp_path, rosinality_sm
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_rosinality_training_snapshot_estimates_latent_avg(tmp_path, rosinality_small, legacy):
-    g_ema = _split(rosinality_small, "g_ema.")
+    g_ema = split_prefix(rosinality_small, "g_ema.")
     snapshot = {
         "g": {name: value + 0.5 for name, value in g_ema.items()},  # raw weights differ from the EMA
-        "d": _split(rosinality_small, "d."),
+        "d": split_prefix(rosinality_small, "d."),
         "g_ema": g_ema,
         "g_optim": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
                     "param_groups": [{"lr": 0.002, "betas": (0.0, 0.99), "params": [0]}]},
@@ -234,7 +222,7 @@ def test_rosinality_training_snapshot_estimates_latent_avg(tmp_path, rosinality_
 
 
 def test_rosinality_blur_kernel_other_than_1331_is_refused(tmp_path, rosinality_small):
-    g_ema = _split(rosinality_small, "g_ema.")
+    g_ema = split_prefix(rosinality_small, "g_ema.")
     g_ema["convs.0.conv.blur.kernel"] = torch.ones(4, 4) / 4
     path = tmp_path / "odd-kernel.pt"
     torch.save({"g_ema": g_ema, "latent_avg": rosinality_small["latent_avg"]}, path)
@@ -315,7 +303,7 @@ def test_unknown_layout_names_what_it_found(tmp_path):
 
 
 def test_wrong_architecture_is_a_checkpoint_error(tmp_path, nvidia_small):
-    state = _split(nvidia_small, "G.")
+    state = split_prefix(nvidia_small, "G.")
     state["synthesis.b16.conv0.weight"] = torch.zeros(64, 48, 3, 3)  # no longer fits b8's 64 channels
     path = tmp_path / "broken.pkl"
     path.write_bytes(dumps_snapshot(state, None))
@@ -325,7 +313,7 @@ def test_wrong_architecture_is_a_checkpoint_error(tmp_path, nvidia_small):
 
 
 def test_truncated_pickle_is_a_checkpoint_error(tmp_path, nvidia_small):
-    data = dumps_snapshot(_split(nvidia_small, "G."), None)
+    data = dumps_snapshot(split_prefix(nvidia_small, "G."), None)
     path = tmp_path / "truncated.pkl"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError):
@@ -400,7 +388,7 @@ def test_nvidia_settings_fall_back_to_recorded_constructor_kwargs(tmp_path, nvid
     # Without the module attributes, conv_clamp / mbstd group come from _init_kwargs (stylegan3 keeps them flat).
     from _nvidia_pickles import build_tree, default_attributes, dumps_with_stand_ins
 
-    g_state, d_state = _split(nvidia_small, "G."), _split(nvidia_small, "D.")
+    g_state, d_state = split_prefix(nvidia_small, "G."), split_prefix(nvidia_small, "D.")
     g_attributes = {"": {"_init_kwargs": {"conv_clamp": 1.5, "z_dim": 64}}}
     d_attributes = {"": {"_init_kwargs": {"conv_clamp": 4.0, "epilogue_kwargs": {"mbstd_group_size": 2}}}}
     root = {"G_ema": build_tree(g_state, "generator", g_attributes), "D": build_tree(d_state, "discriminator",
@@ -445,7 +433,7 @@ def test_nested_storage_streams_parse_like_torch(dtype):
 def test_pickle_with_only_G_uses_it(tmp_path, nvidia_small):
     from _nvidia_pickles import build_tree, default_attributes, dumps_with_stand_ins
 
-    g_state = _split(nvidia_small, "G.")
+    g_state = split_prefix(nvidia_small, "G.")
     tree = build_tree(g_state, "generator", default_attributes(g_state, "generator"))
     path = tmp_path / "legacy-G-only.pkl"
     path.write_bytes(dumps_with_stand_ins({"G": tree, "D": None}, protocol=3))

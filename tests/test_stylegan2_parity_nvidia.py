@@ -8,7 +8,6 @@ The full-size key manifests must map one to one onto our networks built at those
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +23,9 @@ from clip2gan_cli.stylegan2.networks import (
     load_state_dict_strict,
 )
 from clip2gan_cli.stylegan2.ops import resolve_backend
+from parity_helpers import PARITY, split_prefix
 
-PARITY_DIR = Path(__file__).parent / "data" / "parity"
+
 NOISE_PREFIX = "in.noise.psi0.7.random."
 
 
@@ -47,13 +47,9 @@ def small():
     """(tensors, description) of nvidia_small."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(PARITY_DIR / "nvidia_small.safetensors"))
-    description = json.loads((PARITY_DIR / "nvidia_small.json").read_text())
+    tensors = load_file(str(PARITY / "nvidia_small.safetensors"))
+    description = json.loads((PARITY / "nvidia_small.json").read_text())
     return tensors, description
-
-
-def _split(tensors: dict, prefix: str) -> dict:
-    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
 
 
 def _generator_config(description: dict, conv_clamp=None) -> GeneratorConfig:
@@ -80,14 +76,14 @@ def _discriminator_config(description: dict, conv_clamp=None) -> DiscriminatorCo
 def _load_G(small, backend, conv_clamp=None, device="cpu") -> Generator:
     tensors, description = small
     G = Generator(_generator_config(description, conv_clamp), backend=backend)
-    load_state_dict_strict(G, _split(tensors, "G."), source="nvidia_small G")
+    load_state_dict_strict(G, split_prefix(tensors, "G."), source="nvidia_small G")
     return G.to(device).eval().requires_grad_(False)
 
 
 def _load_D(small, backend, conv_clamp=None, device="cpu") -> Discriminator:
     tensors, description = small
     D = Discriminator(_discriminator_config(description, conv_clamp), backend=backend)
-    load_state_dict_strict(D, _split(tensors, "D."), source="nvidia_small D")
+    load_state_dict_strict(D, split_prefix(tensors, "D."), source="nvidia_small D")
     return D.to(device).eval().requires_grad_(False)
 
 
@@ -134,7 +130,7 @@ def test_synthesis_matches_nvidia(small, backend, name, ws_name, noise_mode):
 def test_synthesis_with_the_saved_random_noise_matches_nvidia(small, backend):
     tensors, _ = small
     G = _load_G(small, backend)
-    noise = _split(tensors, NOISE_PREFIX)  # {"synthesis.b8.conv0": [4,1,8,8], ...}
+    noise = split_prefix(tensors, NOISE_PREFIX)  # {"synthesis.b8.conv0": [4,1,8,8], ...}
     assert sorted(key.removeprefix("synthesis.") for key in noise) == sorted(G.synthesis.noise_layers())
     with torch.no_grad():
         img = G.synthesis(tensors["out.ws.psi0.7"], noise_mode="random", noise=noise)
@@ -235,7 +231,7 @@ def test_loading_a_checkpoint_with_a_wrong_shape_is_a_checkpoint_error(small):
     from clip2gan_cli.errors import CheckpointError
 
     tensors, description = small
-    state = _split(tensors, "G.")
+    state = split_prefix(tensors, "G.")
     state["synthesis.b8.conv0.weight"] = state["synthesis.b8.conv0.weight"][:, :32]
     del state["mapping.fc7.bias"]
     G = Generator(_generator_config(description), backend="reference")
@@ -254,7 +250,7 @@ def test_cuda_generator_and_discriminator_match_nvidia(small, backend):
     tensors, _ = small
     G = _load_G(small, backend, device="cuda")
     D = _load_D(small, backend, device="cuda")
-    noise = {key: value.cuda() for key, value in _split(tensors, NOISE_PREFIX).items()}
+    noise = {key: value.cuda() for key, value in split_prefix(tensors, NOISE_PREFIX).items()}
     with torch.no_grad():
         assert_matches(G.mapping(tensors["in.z"].cuda(), 0.7, 4), tensors["out.ws.psi0.7.cutoff4"], "ws cutoff")
         assert_matches(G.synthesis(tensors["out.ws.psi0.7.cutoff4"].cuda()), tensors["out.img.psi0.7.cutoff4.const"],
@@ -269,7 +265,7 @@ def test_cuda_generator_and_discriminator_match_nvidia(small, backend):
 @pytest.mark.parametrize("manifest_name", ["nvidia_ffhq1024_keys.json", "nvidia_celebahq256_keys.json"])
 def test_full_size_manifest_maps_one_to_one(manifest_name):
     """Every key, shape and parameter/buffer kind of the real checkpoints, nothing missing or unused."""
-    manifest = json.loads((PARITY_DIR / manifest_name).read_text())
+    manifest = json.loads((PARITY / manifest_name).read_text())
     g_kwargs, d_kwargs = manifest["G_init_kwargs"], manifest["D_init_kwargs"]
     with torch.device("meta"):  # shapes only: no memory, no init cost
         G = build_generator(g_kwargs["img_resolution"], z_dim=g_kwargs["z_dim"], w_dim=g_kwargs["w_dim"],

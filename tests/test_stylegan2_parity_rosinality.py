@@ -15,8 +15,7 @@ from clip2gan_cli.stylegan2 import convert
 from clip2gan_cli.stylegan2.networks import (Discriminator, DiscriminatorConfig, Generator, GeneratorConfig,
                                              load_state_dict_strict)
 
-PARITY = Path(__file__).parent / "data" / "parity"
-TOLERANCE = 1e-5
+from parity_helpers import PARITY, assert_close, split_prefix
 
 
 def _backends() -> list:
@@ -42,22 +41,11 @@ def parity():
     return load_file(str(safetensors_path)), json.loads((PARITY / "rosinality_small.json").read_text())
 
 
-def _split(tensors: dict, prefix: str) -> dict:
-    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-
-
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
-    error = (actual - expected).abs().max().item()
-    bound = TOLERANCE * max(1.0, expected.abs().max().item())
-    assert error <= bound, f"{name}: max|out - ref| = {error:.3g} > {bound:.3g}"
-
-
 def _networks(parity, backend):
     tensors, info = parity
     channels = {int(res): ch for res, ch in info["G_init"]["channels_used"].items()}
-    g_state = convert.rosinality_to_nvidia_generator(_split(tensors, "g_ema."), tensors["latent_avg"])
-    d_state = convert.rosinality_to_nvidia_discriminator(_split(tensors, "d."))
+    g_state = convert.rosinality_to_nvidia_generator(split_prefix(tensors, "g_ema."), tensors["latent_avg"])
+    d_state = convert.rosinality_to_nvidia_discriminator(split_prefix(tensors, "d."))
     G = Generator(GeneratorConfig(img_resolution=info["G_init"]["size"], z_dim=info["G_init"]["style_dim"],
                                   w_dim=info["G_init"]["style_dim"], mapping_layers=info["G_init"]["n_mlp"],
                                   mapping_lr_mul=info["G_init"]["lr_mlp"], channels=channels), backend=backend)
@@ -105,14 +93,14 @@ def test_rosinality_small_reproduces_every_output(parity, backend):
 
 def test_inferred_config_matches_the_recorded_channel_table(parity):
     tensors, info = parity
-    g_state = convert.rosinality_to_nvidia_generator(_split(tensors, "g_ema."), tensors["latent_avg"])
+    g_state = convert.rosinality_to_nvidia_generator(split_prefix(tensors, "g_ema."), tensors["latent_avg"])
     config = convert.infer_generator_config(g_state)
     assert config.img_resolution == info["G_init"]["size"]
     assert config.z_dim == config.w_dim == info["G_init"]["style_dim"]
     assert config.mapping_layers == info["G_init"]["n_mlp"]
     assert config.num_ws == info["G_init"]["n_latent"]
     assert config.channels_per_resolution() == {int(r): c for r, c in info["G_init"]["channels_used"].items()}
-    d_config = convert.infer_discriminator_config(convert.rosinality_to_nvidia_discriminator(_split(tensors, "d.")))
+    d_config = convert.infer_discriminator_config(convert.rosinality_to_nvidia_discriminator(split_prefix(tensors, "d.")))
     assert d_config.channels_per_resolution() == {int(r): c for r, c in info["D_init"]["channels_used"].items()}
 
 
