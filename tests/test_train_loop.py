@@ -227,6 +227,12 @@ def test_cli_trains_with_explicit_generator_and_local_clip(tmp_path, cli_runner)
     assert checkpoint["sources"]["generator"] == str(paths.generator)
     assert checkpoint["sources"]["clip_model"].endswith("clip_config.json")
     assert checkpoint["discriminator"] is not None  # the G file holds no D: a fresh critic was trained
+    from clip2gan_cli.stylegan2.convert import load_generator
+
+    generator = load_generator(str(paths.generator), device="cpu")
+    critic_widths = {key: value.shape[0] for key, value in checkpoint["discriminator"].items()
+                     if key.endswith("conv0.weight")}
+    assert critic_widths and max(critic_widths.values()) <= max(generator.config.channels_per_resolution().values())
 
 
 def test_cli_data_folder_errors(tmp_path, cli_runner):

@@ -472,12 +472,18 @@ def _pack_sources(pack) -> dict[str, str]:
 
 
 def _fresh_discriminator(generator: nn.Module, seed: int) -> nn.Module:
-    """A new StyleGAN2 critic for G's resolution, initialised from the run's seed."""
+    """A new StyleGAN2 critic for G's resolution, initialised from the run's seed.
+
+    As wide as G at each resolution (NVIDIA's configs pair G and D that way): the 512-channel default
+    would make the critic of a small generator (the shapes pack's 16-64 channels) most of a step's cost.
+    """
     from ..stylegan2.networks import build_discriminator
 
+    config = getattr(generator, "config", None)
+    channels = config.channels_per_resolution() if hasattr(config, "channels_per_resolution") else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + STREAM_D_INIT)
-        return build_discriminator(int(generator.img_resolution))
+        return build_discriminator(int(generator.img_resolution), channels=channels)
 
 
 def export_local_pack(name: str, mapper_path: Path, sources: dict[str, str], config: TrainConfig) -> str:
