@@ -362,15 +362,21 @@ def _is_file(spec: str) -> bool:
         return False
 
 
+def _is_image_endpoint(spec: str) -> bool:
+    """An existing file with a suffix other than .safetensors: `_endpoint_latent` reads it as an image."""
+    path = Path(spec)
+    return path.suffix.lower() != ".safetensors" and _is_file(spec) and bool(path.suffix)
+
+
 def _endpoint_latent(spec: str, models, align: bool):
     """W+ [1, num_ws, w_dim] of an interpolation endpoint: a latent file, an image, or a prompt."""
     from . import imageio, pipeline
     from .errors import ImageError
 
     path = Path(spec)
-    if path.suffix.lower() == ".safetensors" or (_is_file(spec) and path.suffix):
-        if path.suffix.lower() == ".safetensors":
-            return imageio.load_latent(path, models.generator.num_ws, models.generator.w_dim)[:1]
+    if path.suffix.lower() == ".safetensors":
+        return imageio.load_latent(path, models.generator.num_ws, models.generator.w_dim)[:1]
+    if _is_image_endpoint(spec):
         image = imageio.load_image_tensor(path, models.generator.img_resolution, align=align)
         return pipeline.invert(models.clip, models.mapper, image)
     if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"):
@@ -411,7 +417,9 @@ def interpolate_command(
     if mp4 is not None and imageio.mp4_encoder() is None:
         imageio.save_mp4(mp4, [])  # the one-line "needs an encoder package" error, before any work
     imageio.check_output_dir(out)
-    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend)
+    # Without an image endpoint nothing is encoded as an image: a text-only CLIP loads faster
+    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend,
+                           text_only=not any(_is_image_endpoint(spec) for spec in (a, b)))
     face_align = models.is_face_pack if align is None else align
     w_plus = pipeline.interpolate(_endpoint_latent(a, models, face_align), _endpoint_latent(b, models, face_align),
                                   frames, spherical=spherical)
