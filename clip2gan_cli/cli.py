@@ -277,7 +277,7 @@ def edit_command(
     text: Optional[str] = typer.Argument(None, metavar="TEXT", help="Edit text (weight: --beta)."),
     beta: Optional[str] = typer.Option(None, "--beta", help="Strength of TEXT's edit (default: the mapper's, else 2)."),
     edits: List[str] = typer.Option([], "--edit", metavar="TEXT:BETA", help="More edits (repeatable)."),
-    neutral: Optional[str] = typer.Option(None, "--neutral", help="Neutral text: directions become M(t) - M(neutral)."),
+    neutral: Optional[str] = typer.Option(None, "--neutral", help="Neutral text: the direction of TEXT minus that of the neutral text (e.g. what the image shows)."),
     direction: Optional[str] = typer.Option(
         None, "--direction", metavar="text|image",
         help="text: n = M(C_text(t)) (the paper); image: n = M(C_img(x) + C_text(t)) - M(C_img(x)) "
