@@ -5,9 +5,11 @@ it never sees the pack's CLIP or generator. Sections:
 
   generate   every colour x shape prompt ("a red circle"), n images: colour / shape / joint accuracy
   diversity  mean pixel L1 between images of one prompt; distinct positions and sizes per prompt
-  edit       real images of one colour edited toward another: text = the colour word (plain, and
-             with --neutral "a <shape>"), and "a <target> <shape>" with --neutral "a <source> <shape>":
-             target-colour success; shape, size, position kept
+  edit       real images of each colour edited toward every other colour, four text forms (the
+             colour word; with --neutral "a <shape>"; with --neutral "<source colour>"; "a <target>
+             <shape>" with --neutral "a <source> <shape>"), each with the paper's setting and with the
+             mapper's edit defaults (--direction/--layers/--beta): target-colour success; shape,
+             size, position kept
   fd         Frechet distance in the pack's CLIP image space (metrics.fid, the eval-fid code):
              real vs real (the floor), G(z) vs real, text-generated vs real
   noise      the two readings of the diversity noise (multiplicative / additive), side by side
@@ -75,36 +77,78 @@ def section_generate(pack, checker, n: int, seed: int, feature_noise=None) -> di
     return {"per_prompt": per_prompt, "mean": mean, "images": images}
 
 
-def section_edit(pack, checker, per_pair: int, beta: float, seed: int) -> dict:
-    """Real images of colour A edited with the text of colour B (each colour to the next one)."""
-    from clip2gan_cli.pipeline import edit
+EDIT_FORMS = {  # form -> (edit text, neutral text) from (source colour, target colour, shape)
+    "word": lambda src, tgt, shape: (tgt, None),                                     # the paper's "blue"
+    "word --neutral shape": lambda src, tgt, shape: (tgt, f"a {shape}"),
+    "word --neutral word": lambda src, tgt, shape: (tgt, src),                        # "blue" vs "red"
+    "described": lambda src, tgt, shape: (f"a {tgt} {shape}", f"a {src} {shape}"),  # names what it shows
+}
 
+
+def edit_cases(per_source: int, seed: int) -> list[dict]:
+    """Real images of each colour, each to be edited toward another colour (all five in turn)."""
     rng = np.random.default_rng(seed)
-    outcomes = {"plain": [], "neutral": [], "described": []}
+    cases = []
     for source_index, source in enumerate(COLOR_NAMES):
-        target = COLOR_NAMES[(source_index + 1) % len(COLOR_NAMES)]
-        for _ in range(per_pair):
+        for k in range(per_source):
             shape, size = data.SHAPES[rng.integers(len(data.SHAPES))], SIZE_NAMES[rng.integers(2)]
             background = list(data.BACKGROUNDS)[rng.integers(len(data.BACKGROUNDS))]
             x, y = (16 + rng.uniform(-data.JITTER, data.JITTER, 2)).tolist()
             image = torch.from_numpy(data.render(shape, source, size, background, x, y)).permute(2, 0, 1)
-            image = image[None].float() / 127.5 - 1
-            # plain: the paper's w + beta * M(text); neutral: M(text) - M("a <shape>"); described:
-            # M("a <target> <shape>") - M("a <source> <shape>") (a user who names what the image shows).
-            for mode, text, neutral in (("plain", target, None), ("neutral", target, f"a {shape}"),
-                                        ("described", f"a {target} {shape}", f"a {source} {shape}")):
-                out = edit(pack.generator, pack.clip, pack.mapper, image, [(text, beta)], neutral=neutral)
-                before = checker.predict(out.reconstruction.float())
-                after = checker.predict(out.edited.float())
-                outcomes[mode].append({
-                    "target_color": int(after["color"][0]) == COLOR_NAMES.index(target),
-                    "shape_kept": int(after["shape"][0]) == data.SHAPES.index(shape),
-                    "size_kept": int(after["size"][0]) == SIZE_NAMES.index(size),
-                    "position_kept": float((after["position"][0] - torch.tensor([x, y])).abs().max()) <= 2.0,
-                    "recon_color": int(before["color"][0]) == COLOR_NAMES.index(source),
-                    "recon_shape": int(before["shape"][0]) == data.SHAPES.index(shape),
-                })
-    return {mode: {key: float(np.mean([o[key] for o in rows])) for key in rows[0]} for mode, rows in outcomes.items()}
+            cases.append({"source": source, "target": COLOR_NAMES[(source_index + 1 + k % 5) % 6], "shape": shape,
+                          "size": size, "xy": (x, y), "image": image[None].float() / 127.5 - 1})
+    return cases
+
+
+def score_edits(pack, checker, cases: list[dict], form: str, direction: str, layers, beta: float) -> dict:
+    """Edit every case with one text form and setting; checker rates target colour and what was kept."""
+    from clip2gan_cli.pipeline import edit
+
+    rows = []
+    for case in cases:
+        text, neutral = EDIT_FORMS[form](case["source"], case["target"], case["shape"])
+        out = edit(pack.generator, pack.clip, pack.mapper, case["image"], [(text, beta)], neutral=neutral,
+                   direction=direction, layers=layers)
+        after = checker.predict(out.edited.float())
+        target_ok = int(after["color"][0]) == COLOR_NAMES.index(case["target"])
+        shape_ok = int(after["shape"][0]) == data.SHAPES.index(case["shape"])
+        rows.append({"target_color": target_ok, "shape_kept": shape_ok, "both": target_ok and shape_ok,
+                     "size_kept": int(after["size"][0]) == SIZE_NAMES.index(case["size"]),
+                     "position_kept": float((after["position"][0] - torch.tensor(case["xy"])).abs().max()) <= 2.0})
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+
+
+def section_edit(pack, checker, per_source: int, betas: list[float], seed: int) -> dict:
+    """Every text form with the paper's setting (text direction, all rows, beta 1) and with the
+    mapper's own edit defaults; then a beta sweep of the defaults."""
+    from clip2gan_cli.pipeline import edit
+
+    config = pack.mapper.config
+    default_beta = config.edit_beta if config.edit_beta is not None else 2.0
+    cases = edit_cases(per_source, seed)
+    reconstruction = checker.predict(torch.cat([
+        edit(pack.generator, pack.clip, pack.mapper, case["image"], []).reconstruction for case in cases]).float())
+    settings = {"paper (text, all rows, beta 1)": ("text", None, 1.0),
+                f"pack default ({config.edit_direction}, rows {_rows(config.edit_layers)}, beta {default_beta:g})":
+                    (config.edit_direction, config.edit_layers, default_beta)}
+    result = {"cases": len(cases), "reconstruction": {
+        "color": float(np.mean([int(c) == COLOR_NAMES.index(case["source"])
+                                for c, case in zip(reconstruction["color"], cases)])),
+        "shape": float(np.mean([int(s) == data.SHAPES.index(case["shape"])
+                                for s, case in zip(reconstruction["shape"], cases)]))},
+        "forms": {}, "beta_sweep": {}}
+    for label, (direction, layers, beta) in settings.items():
+        for form in EDIT_FORMS:
+            result["forms"][f"{form} | {label}"] = score_edits(pack, checker, cases, form, direction, layers, beta)
+    for beta in betas:
+        for form in EDIT_FORMS:
+            result["beta_sweep"][f"{form} | beta {beta:g}"] = score_edits(
+                pack, checker, cases, form, config.edit_direction, config.edit_layers, beta)
+    return result
+
+
+def _rows(layers) -> str:
+    return "all" if layers is None else ":".join("" if v is None else str(v) for v in layers)
 
 
 def section_fd(pack, n: int, seed: int) -> dict:
@@ -181,10 +225,15 @@ def print_report(report: dict) -> None:
     print(f"\n== diversity (same prompt) ==\npixel L1 {m['pixel_l1']:.3f}  distinct positions {m['distinct_positions']:.1f}"
           f"  sizes {m['distinct_sizes']:.2f}  backgrounds {m['distinct_backgrounds']:.2f}  (of n={report['n']})")
     if "edit" in report:
-        print("\n== edit (colour A -> the next colour) ==")
-        for mode, row in report["edit"].items():
-            print(f"{mode:<8} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()))
-        print("(targets: target_color >= 0.80 with shape_kept >= 0.80)")
+        edit = report["edit"]
+        rec = edit["reconstruction"]
+        print(f"\n== edit: {edit['cases']} real images, each colour toward each other colour ==")
+        print(f"inversion keeps: colour {rec['color']:.2f}  shape {rec['shape']:.2f}")
+        print(f"{'form | setting':<72}{'target':>8}{'shape':>7}{'both':>6}{'size':>6}{'pos':>6}")
+        for name, row in [*edit["forms"].items(), *edit["beta_sweep"].items()]:
+            print(f"{name:<72}{row['target_color']:>8.2f}{row['shape_kept']:>7.2f}{row['both']:>6.2f}"
+                  f"{row['size_kept']:>6.2f}{row['position_kept']:>6.2f}")
+        print("(targets: target colour >= 0.80 with shape kept >= 0.80)")
     if "fd" in report:
         print("\n== FD in the pack's CLIP space ==")
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report["fd"].items()))
@@ -204,8 +253,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checker", type=Path, default=REPO / "work_shapes" / "checker.pt",
                         help="checker weights (trained and saved there if missing)")
-    parser.add_argument("--edit-per-pair", type=int, default=8)
-    parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--edit-per-source", type=int, default=20, help="edited images per source colour")
+    parser.add_argument("--edit-betas", type=float, nargs="*", default=[],
+                        help="also sweep these betas with the mapper's edit defaults")
     parser.add_argument("--fd-n", type=int, default=1024)
     parser.add_argument("--latency-runs", type=int, default=3)
     parser.add_argument("--skip", action="append", default=[], choices=["edit", "fd", "noise", "latency"])
@@ -227,7 +277,7 @@ def main(argv=None) -> None:
         save_grid(generated["images"], len(prompts_grid()), args.grid)
     report["generate"] = {k: v for k, v in generated.items() if k != "images"}
     if "edit" not in args.skip:
-        report["edit"] = section_edit(pack, checker, args.edit_per_pair, args.beta, args.seed)
+        report["edit"] = section_edit(pack, checker, args.edit_per_source, args.edit_betas, args.seed)
     if "fd" not in args.skip:
         report["fd"] = section_fd(pack, args.fd_n, args.seed)
     if "noise" not in args.skip:
