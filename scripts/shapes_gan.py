@@ -69,6 +69,9 @@ class GanRecipe:
     r1_interval: int = 16
     ema_half_life_images: float = 10_000.0
     anchor_weight: float = 1.0  # L1 decoder anchor kept during the adversarial stage
+    # What the adversarial stage trains: "all" (mapping + synthesis + E, with the anchor) or "mapping"
+    # (synthesis frozen: the pack's CLIP mapper, trained against this synthesis network, stays valid)
+    adversarial_trains: str = "all"
     translate_px: int = 3  # DiffAugment translation (pixels)
     cutout: float = 0.25  # DiffAugment cutout side as a fraction of the image
 
@@ -184,8 +187,9 @@ class ShapesGanTrainer:
                                             lr=recipe.decoder_lr, betas=(0.9, 0.99))
         self.opt_mapping = torch.optim.Adam(self.G.mapping.parameters(), lr=recipe.mapping_lr)
         mb = recipe.r1_interval / (recipe.r1_interval + 1)  # lazy-regularisation correction for D
-        self.opt_g = torch.optim.Adam(list(self.G.parameters()) + list(self.E.parameters()), lr=recipe.g_lr,
-                                      betas=(0.0, 0.99))
+        adversarial_params = (list(self.G.mapping.parameters()) if recipe.adversarial_trains == "mapping"
+                              else list(self.G.parameters()) + list(self.E.parameters()))
+        self.opt_g = torch.optim.Adam(adversarial_params, lr=recipe.g_lr, betas=(0.0, 0.99))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=recipe.d_lr * mb, betas=(0.0, 0.99 ** mb))
         self.progress = {stage: {"seconds": 0.0, "images": 0, "steps": 0} for stage in STAGES}
         self.rng = torch.Generator().manual_seed(seed + 1)
@@ -198,7 +202,11 @@ class ShapesGanTrainer:
     # --- persistence ---
     def _load(self) -> None:
         ckpt = torch.load(self.path, weights_only=True)
+        saved_trains = json.loads(ckpt.get("recipe", "{}")).get("adversarial_trains", "all")
         for name in ("G", "D", "E", "G_ema", "opt_decoder", "opt_mapping", "opt_g", "opt_d"):
+            if name == "opt_g" and saved_trains != self.recipe.adversarial_trains:
+                self.log(f"adversarial stage now trains '{self.recipe.adversarial_trains}': fresh generator optimiser")
+                continue
             getattr(self, name).load_state_dict(ckpt[name])
         self.progress = json.loads(ckpt["progress"])
         self.rng.manual_seed(int(sum(p["steps"] for p in self.progress.values())) + 7)
@@ -247,11 +255,13 @@ class ShapesGanTrainer:
         augment = lambda x: diff_augment(x, r.translate_px, r.cutout)  # noqa: E731
         # Generator: fool D, and keep rendering E(attrs) faithfully (anchor).
         self.D.requires_grad_(False)
+        mapping_only = r.adversarial_trains == "mapping"
+        self.G.synthesis.requires_grad_(not mapping_only)  # frozen synthesis: no weight gradients to compute
         z = torch.randn(n, r.z_dim, generator=self.rng)
         fake = self.G(z, noise_mode="random")
         g_loss = F.softplus(-self.D(augment(fake))).mean()
         anchor = torch.zeros(())
-        if r.anchor_weight > 0:
+        if r.anchor_weight > 0 and not mapping_only:
             anchor = self.decoder_loss(random_codes(n // 2, self.rng))
         self.opt_g.zero_grad(set_to_none=True)
         (g_loss + r.anchor_weight * anchor).backward()
@@ -413,11 +423,13 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-minutes", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adversarial-trains", choices=["all", "mapping"], default="all",
+                        help="mapping: freeze the synthesis network in the adversarial stage")
     parser.add_argument("--export", type=Path, default=None, help="write generator/discriminator here at the end")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    trainer = ShapesGanTrainer(args.workdir, GanRecipe(), seed=args.seed)
+    trainer = ShapesGanTrainer(args.workdir, GanRecipe(adversarial_trains=args.adversarial_trains), seed=args.seed)
     for stage, minutes in zip(STAGES, (args.decoder_minutes, args.mapping_minutes, args.adversarial_minutes)):
         trainer.run_stage(stage, minutes, eval_minutes=args.eval_minutes)
     if args.export is not None:
