@@ -117,6 +117,18 @@ def test_gan_trainer_runs_each_stage_checkpoints_resumes_and_exports(tmp_path):
     assert load_discriminator(str(d_path), device="cpu", backend="reference")(torch.zeros(2, 3, 32, 32)).shape == (2, 1)
 
 
+def test_mapping_only_adversarial_stage_leaves_the_synthesis_network_alone(tmp_path):
+    recipe = shapes_gan.GanRecipe(batch=4, g_channels={4: 8, 8: 8, 16: 8, 32: 8},
+                                  d_channels={4: 8, 8: 8, 16: 8, 32: 8}, r1_interval=2, adversarial_trains="mapping")
+    trainer = shapes_gan.ShapesGanTrainer(tmp_path, recipe, log=lambda m: None)
+    synthesis = {k: v.clone() for k, v in trainer.G.synthesis.state_dict().items()}
+    mapping = {k: v.clone() for k, v in trainer.G.mapping.state_dict().items()}
+    for step in range(2):
+        trainer.adversarial_step(step)
+    assert all(torch.equal(v, trainer.G.synthesis.state_dict()[k]) for k, v in synthesis.items())
+    assert not all(torch.equal(v, trainer.G.mapping.state_dict()[k]) for k, v in mapping.items())
+
+
 def test_shipped_pack_is_complete_and_small():
     assert shapes.missing_weight_files() == []
     total = sum((shapes.PACK_DIR / name).stat().st_size for name in shapes.WEIGHT_FILES)
@@ -139,6 +151,35 @@ def test_shipped_pack_generates_the_prompted_colour_offline_on_cpu(monkeypatch):
     mean_colour = torch.stack([pixels[i][saturated[i]].mean(0) for i in range(8)])
     assert (mean_colour[:4, 0] > mean_colour[:4, 2]).float().mean() >= 0.75
     assert (mean_colour[4:, 2] > mean_colour[4:, 0]).float().mean() >= 0.75
+
+
+@pytest.mark.slow
+def test_shipped_pack_edits_red_shapes_to_blue_with_its_defaults(cli_runner, tmp_path):
+    """`clip2gan edit red.png blue` with no flags: the pack's edit defaults turn red shapes blue in place."""
+    import json
+
+    from PIL import Image
+
+    def foreground(pixels):  # saturated pixels: the shape, on a black or white background
+        pixels = torch.as_tensor(np.asarray(pixels, dtype=np.float32)).reshape(-1, 3)
+        mask = (pixels.max(-1).values - pixels.min(-1).values) > 100
+        return pixels[mask].mean(0), mask
+
+    blue, kept = 0, 0
+    specs = [("circle", "large", "black", 15, 17), ("square", "large", "white", 17, 15),
+             ("triangle", "large", "black", 16, 16), ("cross", "large", "white", 14, 16)]
+    for index, (shape, size, background, x, y) in enumerate(specs):
+        source = tmp_path / f"red_{index}.png"
+        Image.fromarray(data.render(shape, "red", size, background, x, y)).save(source)
+        result = cli_runner(["edit", source, "blue", "--out", tmp_path / "out", "--json"])
+        assert result.exit_code == 0, result.stderr
+        edited = next(json.loads(line)["path"] for line in result.stdout.splitlines()
+                      if json.loads(line)["role"] == "edited")
+        colour, mask = foreground(Image.open(edited).convert("RGB"))
+        _, source_mask = foreground(Image.open(source).convert("RGB"))
+        blue += int(colour[2] > colour[0] + 50)
+        kept += int((mask & source_mask).sum() / (mask | source_mask).sum() > 0.5)  # the shape stays in place
+    assert blue >= 3 and kept >= 3
 
 
 def test_build_state_accumulates_stage_time_and_resumes_done_stages(tmp_path):
