@@ -88,6 +88,14 @@ def test_edit_defaults_round_trip_and_bad_ones_are_refused(tmp_path):
                          ({"edit_beta": float("nan")}, "finite")):
         with pytest.raises(UserInputError, match=message):
             MapperConfig.from_dict({**base, **bad})
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "m.safetensors"
+    config = {**json.loads(read_mapper_metadata(path)[CONFIG_METADATA_KEY]), "edit_direction": "pixels"}
+    save_file(load_file(str(path)), str(tmp_path / "bad.safetensors"),
+              metadata={**read_mapper_metadata(path), CONFIG_METADATA_KEY: json.dumps(config)})
+    with pytest.raises(CheckpointError, match="invalid config: unknown edit direction"):
+        load_mapper(tmp_path / "bad.safetensors")
 
 
 def test_config_from_a_newer_version_names_the_unknown_key():
