@@ -137,7 +137,12 @@ def stage_mapper(args, log) -> dict:
     if (run_dir / "config.toml").exists() or any(run_dir.glob("checkpoint*")):
         command += ["--resume", str(run_dir)]
     else:
-        command += ["--pack", "shapes", "--data", training_data, "--out", str(run_dir), "--seed", str(args.seed),
+        # The models just exported: the builtin pack itself, or explicit files when --pack-dir is elsewhere.
+        builtin_dir = REPO / "clip2gan_cli" / "packs" / "shapes"
+        models = (["--pack", "shapes"] if args.pack_dir.resolve() == builtin_dir.resolve() else
+                  ["--generator", str(args.pack_dir / "generator.safetensors"),
+                   "--clip", str(args.pack_dir / "clip_config.json")])
+        command += [*models, "--data", training_data, "--out", str(run_dir), "--seed", str(args.seed),
                     "--device", "cpu", "--set", "lpips_backbone=random", "--set", f"batch_size={args.mapper_batch}",
                     "--set", f"lr={args.mapper_lr}", "--set", f"mapper_hidden_dim={args.mapper_hidden}",
                     # Untruncated samples: G's W space holds one cluster per attribute combination, and
