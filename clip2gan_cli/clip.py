@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import text_tower
 from .device import place_model, resolve_device
-from .errors import CheckpointError, UserInputError, WeightsNotFoundError
+from .errors import CheckpointError, UserInputError, WeightsNotFoundError, first_line
 
 # CLIP's own normalisation (open_clip.constants.OPENAI_DATASET_MEAN/STD); used unless a config says otherwise.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -276,8 +276,7 @@ def _load_clip_weights(model: torch.nn.Module, path: Path, model_name: str) -> N
         else:
             open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except Exception as error:  # corrupt file, wrong architecture, unsafe pickle: all one message
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot load CLIP weights {path.name} into {model_name}: {first_line[:200]}") \
+        raise CheckpointError(f"cannot load CLIP weights {path.name} into {model_name}: {first_line(error)}") \
             from error
 
 
@@ -288,8 +287,7 @@ def _load_text_tower(model_cfg: dict[str, Any], path: Path, model_name: str) -> 
     try:
         return text_tower.load_text_tower(model_cfg, path)
     except Exception as error:  # corrupt file or wrong architecture: one message, as _load_clip_weights
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot load CLIP weights {path.name} into {model_name}: {first_line[:200]}") \
+        raise CheckpointError(f"cannot load CLIP weights {path.name} into {model_name}: {first_line(error)}") \
             from error
 
 

@@ -70,6 +70,16 @@ class ImageError(UserInputError):
     """An input image is missing, unreadable, too small, or holds no face when one is needed."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to `limit` characters (its type name when empty).
+
+    Third-party errors (torch, safetensors, Pillow) often span many lines; a one-line report keeps
+    the first, and an empty message must not make the report itself fail.
+    """
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
 # One table: exception class -> process exit code (most specific first; Typer usage errors keep 2).
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (Clip2ganError, 1),

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, ImageError, OutputError, UserInputError
+from .errors import CheckpointError, ImageError, OutputError, UserInputError, first_line
 from .fileutil import atomic_path
 
 if TYPE_CHECKING:  # torch and PIL are imported where used
@@ -74,7 +74,7 @@ def read_image(path: str | Path) -> "Image.Image":
     except Image.DecompressionBombError as error:
         raise ImageError(f"{path} is too large to decode safely (decompression bomb)") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # Pillow's ways of saying "broken file"
-        raise ImageError(f"{path} is truncated or corrupt: {str(error).splitlines()[0][:120]}") from error
+        raise ImageError(f"{path} is truncated or corrupt: {first_line(error, 120)}") from error
 
 
 def to_rgb(image: "Image.Image") -> "Image.Image":
@@ -422,7 +422,7 @@ def load_latent(path: str | Path, num_ws: int | None = None, w_dim: int | None =
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as error:
-        raise CheckpointError(f"cannot read latent file {path}: {str(error).splitlines()[0][:160]}") from error
+        raise CheckpointError(f"cannot read latent file {path}: {first_line(error, 160)}") from error
     if LATENT_KEY not in tensors:
         raise UserInputError(f"{path} holds no '{LATENT_KEY}' tensor (not a clip2gan latent file)")
     w_plus = tensors[LATENT_KEY].float()

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, OutputError, UserInputError
+from .errors import CheckpointError, OutputError, UserInputError, first_line
 from .fileutil import atomic_path
 
 CONFIG_METADATA_KEY = "clip2gan.mapper_config"
@@ -212,7 +212,7 @@ def save_mapper(mapper: Mapper, path: str | Path, metadata: dict[str, str] | Non
         try:
             save_file(tensors, str(tmp), metadata=header)
         except Exception as error:  # safetensors reports a full disk as its own error type
-            raise OutputError(f"cannot write {path}: {_first_line(error)}") from error
+            raise OutputError(f"cannot write {path}: {first_line(error)}") from error
     return Path(path)
 
 
@@ -225,7 +225,7 @@ def read_mapper_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
     except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"cannot read mapper {path}: {_first_line(error)}") from error
+        raise CheckpointError(f"cannot read mapper {path}: {first_line(error)}") from error
 
 
 def load_mapper(path: str | Path, device: torch.device | str | None = None) -> Mapper:
@@ -239,16 +239,16 @@ def load_mapper(path: str | Path, device: torch.device | str | None = None) -> M
     try:
         config = MapperConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
     except (ValueError, TypeError, UserInputError) as error:
-        raise CheckpointError(f"mapper {path} has an invalid config: {_first_line(error)}") from error
+        raise CheckpointError(f"mapper {path} has an invalid config: {first_line(error)}") from error
     try:
         state = load_file(str(path), device="cpu")
     except Exception as error:
-        raise CheckpointError(f"cannot read mapper {path}: {_first_line(error)}") from error
+        raise CheckpointError(f"cannot read mapper {path}: {first_line(error)}") from error
     mapper = Mapper(config=config)
     try:
         mapper.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"mapper {path} does not match its own config: {_first_line(error)}") from error
+        raise CheckpointError(f"mapper {path} does not match its own config: {first_line(error)}") from error
     return mapper.to(device) if device is not None else mapper
 
 
@@ -272,7 +272,3 @@ def _existing_file(path: str | Path) -> Path:
         raise UserInputError(f"mapper file not found: {path}")
     return path
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]

@@ -61,3 +61,12 @@ def test_usage_error_keeps_exit_code_2(cli_runner):
     result = cli_runner(["download-weights"])
     assert result.exit_code == 2
     assert "name at least one file or pack" in result.output
+
+
+def test_first_line_of_an_error_message():
+    from clip2gan_cli.errors import first_line
+
+    assert first_line(RuntimeError("disk full\n  at frame 3\n  at frame 2")) == "disk full"
+    assert first_line(ValueError("")) == "ValueError"  # an empty message must not break the report
+    assert first_line(OSError("  \n")) == "OSError"
+    assert first_line(KeyError("x" * 500), limit=10) == "'xxxxxxxxx"

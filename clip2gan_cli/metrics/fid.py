@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from ..errors import CheckpointError, ImageError, UserInputError, WeightsNotFoundError
+from ..errors import CheckpointError, ImageError, UserInputError, WeightsNotFoundError, first_line
 from ..fileutil import atomic_path, sha256_file
 
 if TYPE_CHECKING:  # torch is imported lazily (the CLI imports this module inside a command)
@@ -151,9 +151,8 @@ class InceptionFeatureSpace(FeatureSpace):
         try:
             torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as error:
-            reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
             raise CheckpointError(f"Inception weights {weights_path} are not a plain state dict; nothing was "
-                                  f"executed ({reason})") from error
+                                  f"executed ({first_line(error, 160)})") from error
         with _torch_fidelity_cannot_download():
             extractor = create_feature_extractor(
                 "inception-v3-compat", [INCEPTION_FEATURE_LAYER], cuda=False,

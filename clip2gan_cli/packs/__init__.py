@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, NoMapperError, UserInputError, WeightsNotFoundError
+from ..errors import CheckpointError, NoMapperError, UserInputError, WeightsNotFoundError, first_line
 from ..fileutil import sha256_file
 
 DEFAULT_PACK = "shapes"
@@ -81,7 +81,7 @@ class Pack:
             state = {k: v for k, v in state.items() if not k.startswith("logits.")}  # classifier head unused
             network.load_state_dict(state, strict=True)
         except Exception as error:
-            raise CheckpointError(f"cannot load identity weights {path.name}: {str(error).splitlines()[0][:160]}") \
+            raise CheckpointError(f"cannot load identity weights {path.name}: {first_line(error, 160)}") \
                 from error
         return place_model(network, self.device)
 

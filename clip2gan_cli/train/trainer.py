@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..device import place_model, resolve_device, resolve_dtype, seed_everything
-from ..errors import CheckpointError, OutputError, TrainingError, UserInputError
+from ..errors import CheckpointError, OutputError, TrainingError, UserInputError, first_line
 from ..fileutil import atomic_path, atomic_write_text, ensure_writable_dir
 from ..mapper import Mapper, check_compatible, perturb_clip_features, save_mapper
 from . import losses as L
@@ -187,9 +187,8 @@ def _run(config: TrainConfig, run_dir: Path, resume: bool, models: TrainModels |
             restore_rng_state(checkpoint["rng"])
             start_step = int(checkpoint["step"])
         except (KeyError, IndexError, RuntimeError, TypeError, ValueError, AttributeError) as error:
-            detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"the newest checkpoint in {run_dir / 'checkpoints'} (step "
-                                  f"{checkpoint.get('step')!r}) does not fit this run: {detail}",
+                                  f"{checkpoint.get('step')!r}) does not fit this run: {first_line(error, 160)}",
                                   hint="resume with the config the run was started with, or remove that file") \
                 from error
         if dist_ctx.is_main:
@@ -600,9 +599,8 @@ def write_checkpoint_file(state: dict[str, Any], path: Path) -> None:
         torch.save(state, path)
     except RuntimeError as error:  # torch reports a failed write (a full disk: "unexpected pos") this way
         free_mib = shutil.disk_usage(path.parent).free / 2**20
-        detail = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
         raise OutputError(f"cannot write a checkpoint in {path.parent} ({free_mib:.1f} MiB free on that disk): "
-                          f"{detail}", hint="free some space and resume with --resume") from error
+                          f"{first_line(error, 120)}", hint="free some space and resume with --resume") from error
 
 
 def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
@@ -615,7 +613,7 @@ def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # truncated or foreign file: try the one before
-            errors.append(f"{path.name}: {str(error).splitlines()[0][:120] if str(error) else type(error).__name__}")
+            errors.append(f"{path.name}: {first_line(error, 120)}")
             continue
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             errors.append(f"{path.name}: not a clip2gan training checkpoint")
