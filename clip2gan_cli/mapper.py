@@ -42,6 +42,12 @@ NOISE_MODES = ("multiplicative", "additive", "none")
 EDIT_DIRECTIONS = ("text", "image")  # see pipeline.edit_directions
 
 
+def check_edit_direction(direction: str) -> None:
+    """UserInputError unless `direction` is one of EDIT_DIRECTIONS."""
+    if direction not in EDIT_DIRECTIONS:
+        raise UserInputError(f"unknown edit direction '{direction}'", hint=f"expected {', '.join(EDIT_DIRECTIONS)}")
+
+
 @dataclass
 class MapperConfig:
     """Everything needed to rebuild a Mapper, plus the feature noise it was trained with."""
@@ -74,9 +80,7 @@ class MapperConfig:
             raise UserInputError(f"noise strength must be >= 0, got {self.noise_strength}")
         if self.generation_noise_strength is not None and not self.generation_noise_strength >= 0:
             raise UserInputError(f"generation noise strength must be >= 0, got {self.generation_noise_strength}")
-        if self.edit_direction not in EDIT_DIRECTIONS:
-            raise UserInputError(f"unknown edit direction '{self.edit_direction}'",
-                                 hint=f"expected {', '.join(EDIT_DIRECTIONS)}")
+        check_edit_direction(self.edit_direction)
         if self.edit_layers is not None:
             if len(self.edit_layers) != 2 or not all(v is None or isinstance(v, int) for v in self.edit_layers):
                 raise UserInputError(f"edit layers must be [start, stop] (ints or null), got {self.edit_layers}")

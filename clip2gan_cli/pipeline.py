@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserInputError
-from .mapper import EDIT_DIRECTIONS, perturb_clip_features
+from .mapper import check_edit_direction, perturb_clip_features
 
 
 @dataclass
@@ -150,8 +150,7 @@ def edit_directions(clip, mapper, edits: Sequence[tuple[str, float]], neutral: s
     and evaluating it at the image keeps it on the image's part of W+ (measured in
     docs/shapes_pack.md).
     """
-    if direction not in EDIT_DIRECTIONS:
-        raise UserInputError(f"unknown edit direction '{direction}'", hint=f"expected {', '.join(EDIT_DIRECTIONS)}")
+    check_edit_direction(direction)
     texts = [text for text, _ in edits]
     device = mapper.w_offset.device
     if direction == "text":
@@ -248,8 +247,7 @@ def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str
             raise UserInputError(f"beta for '{text}' must be a number, got {beta!r}")
     if neutral is not None:
         validate_prompts([neutral])
-    if direction not in EDIT_DIRECTIONS:
-        raise UserInputError(f"unknown edit direction '{direction}'", hint=f"expected {', '.join(EDIT_DIRECTIONS)}")
+    check_edit_direction(direction)
     mask = layer_mask(generator.num_ws, layers)
     image_features = None
     if direction == "image" or w_plus is None:
