@@ -8,6 +8,8 @@ Stages (each resumable; finished stages are skipped on the next run):
   5. mapper    `clip2gan train --pack shapes --data <work>/dataset` (the user code path, on
                16,384 rendered domain images; `--mapper-data synthetic` uses G(z) samples instead),
                then mapper.safetensors into the pack directory
+Budgets are steps, and every step's random draws are seeded from (seed, step): the same seed, thread
+count and torch build give the same pack on any machine, however loaded, however often interrupted.
 Each stage's wall time is added to `build_times.json` beside the weights (and to the work
 directory's `build_state.json`, which is what resuming reads).
 
@@ -16,7 +18,7 @@ trained with `lpips_backbone=random` (a seeded random AlexNet trunk: on flat-col
 its features still compare local edges and colours, which is what a perceptual term adds to L2).
 
 Usage: python scripts/build_shapes_pack.py [--workdir work_shapes] [--pack-dir clip2gan_cli/packs/shapes]
-       [--clip-minutes 50] [--gan-decoder-minutes 55] [--gan-adversarial-minutes 0] [--mapper-steps 4100]
+       [--clip-steps 1200] [--gan-decoder-steps 5500] [--gan-adversarial-steps 3000] [--mapper-steps 4100]
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ class BuildState:
 def stage_clip(args, log) -> dict:
     from shapes_clip import train
 
-    return {"zero_shot": train(args.workdir, args.clip_minutes, batch=128, lr=1e-3, seed=args.seed, threads=args.threads)}
+    return {"zero_shot": train(args.workdir, args.clip_steps, batch=128, lr=1e-3, seed=args.seed, threads=args.threads)}
 
 
 def stage_checker(args, log) -> dict:
@@ -84,8 +86,8 @@ def stage_gan(args, log) -> dict:
     torch.set_num_threads(args.threads)
     trainer = ShapesGanTrainer(args.workdir, GanRecipe(adversarial_trains=args.gan_adversarial_trains),
                                seed=args.seed, log=log)
-    minutes = (args.gan_decoder_minutes, args.gan_mapping_minutes, args.gan_adversarial_minutes)
-    for gan_stage, budget in zip(GAN_STAGES, minutes):
+    steps = (args.gan_decoder_steps, args.gan_mapping_steps, args.gan_adversarial_steps)
+    for gan_stage, budget in zip(GAN_STAGES, steps):
         trainer.run_stage(gan_stage, budget)
     return {"progress": trainer.progress}
 
@@ -189,14 +191,11 @@ def main(argv=None) -> None:
     parser.add_argument("--pack-dir", type=Path, default=REPO / "clip2gan_cli" / "packs" / "shapes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--clip-minutes", type=float, default=50.0)
+    parser.add_argument("--clip-steps", type=int, default=1200)
     parser.add_argument("--checker-steps", type=int, default=300)
-    parser.add_argument("--gan-decoder-minutes", type=float, default=55.0)
-    parser.add_argument("--gan-mapping-minutes", type=float, default=4.0)
-    # The shipped G is G_ema at the end of the mapping stage: the adversarial refinements measured so far
-    # did not help (all, 178 steps: no change; mapping only, 1,000 steps: clean samples 0.47 -> 0.40,
-    # attribute combinations covered 24 -> 20), so the stage is off unless asked for.
-    parser.add_argument("--gan-adversarial-minutes", type=float, default=0.0)
+    parser.add_argument("--gan-decoder-steps", type=int, default=5500)
+    parser.add_argument("--gan-mapping-steps", type=int, default=13000)
+    parser.add_argument("--gan-adversarial-steps", type=int, default=3000)
     parser.add_argument("--gan-adversarial-trains", choices=["all", "mapping"], default="all",
                         help="what the adversarial stage trains (mapping: synthesis frozen)")
     # 4,100: a run continued to 12,000 steps fit image features closer and lowered generate's colour

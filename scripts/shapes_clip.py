@@ -1,12 +1,13 @@
 """Train the shapes pack's tiny CLIP contrastively on (image, caption) pairs from the domain.
 
-The model is an open_clip `CLIP` built from a custom config (ViT with 4-px patches on 32x32
+The model is an open_clip `CLIP` built from a custom config (ViT with 8-px patches on 32x32
 images; a small text transformer over the pack's word vocabulary). Captions name only some
 attributes ("a red circle"), so several images in a batch match one caption: the loss uses soft
 targets (every image consistent with the caption is a positive) instead of the identity matrix.
 
-Resumable: `<workdir>/clip_ckpt.pt` is written every few minutes; running again continues.
-Usage: python scripts/shapes_clip.py --workdir work_shapes --minutes 12
+Resumable: `<workdir>/clip_ckpt.pt` is written every 200 steps; running again continues, drawing
+exactly the batches an uninterrupted run would (each step's RNG is seeded from (seed, step)).
+Usage: python scripts/shapes_clip.py --workdir work_shapes --steps 1200
 """
 from __future__ import annotations
 
@@ -128,8 +129,17 @@ def export_clip(model, tokenizer: VocabTokenizer, out_dir: Path) -> None:
         Path(tmp).write_text(json.dumps(pack_clip_config(tokenizer), indent=2) + "\n")
 
 
-def train(workdir: Path, minutes: float, batch: int, lr: float, seed: int, threads: int) -> dict:
-    """Train (or resume) for a wall-time budget; returns the last evaluation."""
+def step_seed(seed: int, step: int) -> int:
+    """The RNG seed of one training step: a resumed run draws exactly what an uninterrupted one does."""
+    return (seed * 1_000_003 + step) % (1 << 31)
+
+
+def train(workdir: Path, steps: int, batch: int, lr: float, seed: int, threads: int, save_every: int = 200) -> dict:
+    """Train (or resume) for a step budget (cosine schedule over it); returns the final evaluation.
+
+    Step budgets, not wall time: the same seed, thread count and torch build give the same weights on
+    any machine, however loaded, and however often the run was interrupted.
+    """
     torch.set_num_threads(threads)
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = VocabTokenizer(data.vocabulary(), context_length=CONTEXT_LENGTH)
@@ -144,17 +154,21 @@ def train(workdir: Path, minutes: float, batch: int, lr: float, seed: int, threa
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = json.loads(ckpt["state"])
-        print(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min trained)", flush=True)
-    budget = minutes * 60.0
-    total_steps_guess = max(1, int(budget / 0.35))  # cosine horizon; refined from measured speed
-    rng = np.random.default_rng(seed + state["step"])
-    last_save = time.time()
+        print(f"resumed at step {state['step']} of {steps} ({state['seconds'] / 60:.1f} min trained)", flush=True)
+
+    def save() -> None:
+        with atomic_path(ckpt_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "state": json.dumps(state)}, tmp)
+
     start = time.time() - state["seconds"]
     model.train()
-    while time.time() - start < budget:
+    while state["step"] < steps:
         step = state["step"]
+        rng = np.random.default_rng(step_seed(seed, step))
+        torch.manual_seed(step_seed(seed, step))
         warm = min(1.0, (step + 1) / 100)
-        progress = min(1.0, (time.time() - start) / budget)
+        progress = step / steps
         for group in optimizer.param_groups:
             group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         images, attributes = data.sample(batch, seed=int(rng.integers(1 << 31)))
@@ -169,23 +183,17 @@ def train(workdir: Path, minutes: float, batch: int, lr: float, seed: int, threa
         loss.backward()
         optimizer.step()
         state["step"] = step + 1
+        state["seconds"] = time.time() - start
         if state["step"] % 50 == 0:
-            print(f"step {state['step']} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
-                  f"{(time.time() - start) / 60:.1f} min", flush=True)
-        if time.time() - last_save > 120 or time.time() - start >= budget:
-            state["seconds"] = time.time() - start
+            print(f"step {state['step']}/{steps} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                  f"{state['seconds'] / 60:.1f} min", flush=True)
+        if state["step"] % save_every == 0 and state["step"] < steps:
             accuracy = zero_shot_accuracy(model, tokenizer, n=500)
             state["history"].append({"step": state["step"], "minutes": state["seconds"] / 60, **accuracy})
             print("eval", json.dumps(accuracy), flush=True)
-            with atomic_path(ckpt_path) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "state": json.dumps(state)}, tmp)
-            last_save = time.time()
-    state["seconds"] = time.time() - start
+            save()
     accuracy = zero_shot_accuracy(model, tokenizer, n=1000)
-    with atomic_path(ckpt_path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "state": json.dumps(state)}, tmp)
+    save()
     export_clip(model, tokenizer, workdir / "clip_export")
     (workdir / "clip_eval.json").write_text(json.dumps({"final": accuracy, **state}, indent=2))
     print("final", json.dumps(accuracy), flush=True)
@@ -195,13 +203,13 @@ def train(workdir: Path, minutes: float, batch: int, lr: float, seed: int, threa
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("work_shapes"))
-    parser.add_argument("--minutes", type=float, default=12.0, help="total training wall time (resumes count)")
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=1200, help="total training steps (resumes count)")
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     args = parser.parse_args(argv)
-    train(args.workdir, args.minutes, args.batch, args.lr, args.seed, args.threads)
+    train(args.workdir, args.steps, args.batch, args.lr, args.seed, args.threads)
 
 
 if __name__ == "__main__":

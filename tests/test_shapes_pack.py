@@ -117,6 +117,38 @@ def test_gan_trainer_runs_each_stage_checkpoints_resumes_and_exports(tmp_path):
     assert load_discriminator(str(d_path), device="cpu", backend="reference")(torch.zeros(2, 3, 32, 32)).shape == (2, 1)
 
 
+def test_gan_stages_resumed_midway_give_the_weights_of_an_uninterrupted_run(tmp_path):
+    recipe = shapes_gan.GanRecipe(batch=4, g_channels={4: 8, 8: 8, 16: 8, 32: 8}, d_channels={4: 8, 8: 8, 16: 8, 32: 8},
+                                  r1_interval=2, decoder_batch=2, decoder_warmup_steps=1, decoder_warmup_batch=3)
+    budgets = {"decoder": 3, "mapping": 2, "adversarial": 3}
+    straight = shapes_gan.ShapesGanTrainer(tmp_path / "straight", recipe, seed=5, log=lambda m: None)
+    for stage, steps in budgets.items():
+        straight.run_stage(stage, steps)
+    interrupted = shapes_gan.ShapesGanTrainer(tmp_path / "interrupted", recipe, seed=5, log=lambda m: None)
+    for stage, steps in budgets.items():
+        interrupted.run_stage(stage, steps - 1)  # stop one step short, then start a new process
+        interrupted = shapes_gan.ShapesGanTrainer(tmp_path / "interrupted", recipe, seed=5, log=lambda m: None)
+        interrupted.run_stage(stage, steps)
+    assert interrupted.progress["decoder"]["images"] == 3 + 2 * 2  # the warm-up step's batch, then the recipe's
+    for name in ("G", "G_ema", "D", "E"):
+        a, b = getattr(straight, name).state_dict(), getattr(interrupted, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    other_seed = shapes_gan.ShapesGanTrainer(tmp_path / "other", recipe, seed=6, log=lambda m: None)
+    other_seed.run_stage("decoder", 3)
+    assert not torch.equal(other_seed.E.net[0].weight, straight.E.net[0].weight)
+
+
+def test_clip_training_resumed_midway_gives_the_weights_of_an_uninterrupted_run(tmp_path, capsys):
+    straight = shapes_clip.train(tmp_path / "straight", steps=2, batch=8, lr=1e-3, seed=3, threads=1)
+    shapes_clip.train(tmp_path / "interrupted", steps=1, batch=8, lr=1e-3, seed=3, threads=1)
+    resumed = shapes_clip.train(tmp_path / "interrupted", steps=2, batch=8, lr=1e-3, seed=3, threads=1)
+    assert "resumed at step 1 of 2" in capsys.readouterr().out
+    assert resumed == straight
+    a = torch.load(tmp_path / "straight" / "clip_ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "interrupted" / "clip_ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_mapping_only_adversarial_stage_leaves_the_synthesis_network_alone(tmp_path):
     recipe = shapes_gan.GanRecipe(batch=4, g_channels={4: 8, 8: 8, 16: 8, 32: 8},
                                   d_channels={4: 8, 8: 8, 16: 8, 32: 8}, r1_interval=2, adversarial_trains="mapping")
