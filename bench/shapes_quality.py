@@ -16,7 +16,8 @@ it never sees the pack's CLIP or generator. Sections:
   latency    median wall time of `clip2gan --help` and of a cold `clip2gan generate "a red circle" -n 8`
 
     python bench/shapes_quality.py                  # full report
-    python bench/shapes_quality.py -n 8 --skip-latency --json report.json --grid grid.png
+    python bench/shapes_quality.py -n 8 --skip latency --json report.json --grid grid.png
+    python bench/shapes_quality.py --pack-dir work_full/pack --skip latency   # a rebuild, before it ships
 Targets (issue 7): colour >= 90 %, shape >= 80 %, edit success >= 80 % with shape kept >= 80 %.
 """
 from __future__ import annotations
@@ -262,15 +263,21 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None, help="write a prompts x samples grid PNG")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pack-dir", type=Path, default=None,
+                        help="measure the pack files in this folder (a rebuild) instead of the installed pack")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from shapes_checker import checker_accuracy, load_or_train_checker
 
-    from clip2gan_cli.packs import load_pack
+    from clip2gan_cli.packs import load_models, load_pack
 
     checker = load_or_train_checker(args.checker)
-    pack = load_pack(device="cpu")
+    if args.pack_dir is None:
+        pack = load_pack(device="cpu")
+    else:
+        pack = load_models(mapper=args.pack_dir / "mapper.safetensors", generator=str(args.pack_dir / "generator.safetensors"),
+                           clip=str(args.pack_dir / "clip_config.json"), device="cpu")
     report = {"n": args.n, "checker_on_real": checker_accuracy(checker, n=1000)}
     generated = section_generate(pack, checker, args.n, args.seed)
     if args.grid is not None:
