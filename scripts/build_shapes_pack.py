@@ -196,8 +196,8 @@ def main(argv=None) -> None:
     parser.add_argument("--gan-decoder-steps", type=int, default=5500)
     parser.add_argument("--gan-mapping-steps", type=int, default=13000)
     parser.add_argument("--gan-adversarial-steps", type=int, default=3000)
-    parser.add_argument("--gan-adversarial-trains", choices=["all", "mapping"], default="all",
-                        help="what the adversarial stage trains (mapping: synthesis frozen)")
+    parser.add_argument("--gan-adversarial-trains", choices=["all", "mapping", "synthesis"], default="all",
+                        help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping frozen)")
     # 4,100: a run continued to 12,000 steps fit image features closer and lowered generate's colour
     # accuracy 0.93 -> 0.83 (more positions per prompt, 3.2 -> 5.5); the shipped mapper is step 4,100
     parser.add_argument("--mapper-steps", type=int, default=4100)

@@ -76,8 +76,10 @@ class GanRecipe:
     r1_interval: int = 16
     ema_half_life_images: float = 10_000.0
     anchor_weight: float = 1.0  # L1 decoder anchor kept during the adversarial stage
-    # What the adversarial stage trains: "all" (mapping + synthesis + E, with the anchor) or "mapping"
-    # (synthesis frozen: the pack's CLIP mapper, trained against this synthesis network, stays valid)
+    # What the adversarial stage trains: "all" (mapping + synthesis + E, with the anchor), "mapping"
+    # (synthesis frozen: the pack's CLIP mapper, trained against this synthesis network, stays valid) or
+    # "synthesis" (+ E, with the anchor; the mapping network's uniform attribute code stays as trained,
+    # so D can sharpen what the synthesis renders between attribute clusters but cannot drop modes)
     adversarial_trains: str = "all"
     translate_px: int = 3  # DiffAugment translation (pixels)
     cutout: float = 0.25  # DiffAugment cutout side as a fraction of the image
@@ -194,8 +196,11 @@ class ShapesGanTrainer:
                                             lr=recipe.decoder_lr, betas=(0.9, 0.99))
         self.opt_mapping = torch.optim.Adam(self.G.mapping.parameters(), lr=recipe.mapping_lr)
         mb = recipe.r1_interval / (recipe.r1_interval + 1)  # lazy-regularisation correction for D
-        adversarial_params = (list(self.G.mapping.parameters()) if recipe.adversarial_trains == "mapping"
-                              else list(self.G.parameters()) + list(self.E.parameters()))
+        adversarial_params = {
+            "mapping": list(self.G.mapping.parameters()),
+            "synthesis": list(self.G.synthesis.parameters()) + list(self.E.parameters()),
+            "all": list(self.G.parameters()) + list(self.E.parameters()),
+        }[recipe.adversarial_trains]
         self.opt_g = torch.optim.Adam(adversarial_params, lr=recipe.g_lr, betas=(0.0, 0.99))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=recipe.d_lr * mb, betas=(0.0, 0.99 ** mb))
         self.progress = {stage: {"seconds": 0.0, "images": 0, "steps": 0} for stage in STAGES}
@@ -276,7 +281,8 @@ class ShapesGanTrainer:
         # Generator: fool D, and keep rendering E(attrs) faithfully (anchor).
         self.D.requires_grad_(False)
         mapping_only = r.adversarial_trains == "mapping"
-        self.G.synthesis.requires_grad_(not mapping_only)  # frozen synthesis: no weight gradients to compute
+        self.G.synthesis.requires_grad_(not mapping_only)  # frozen parts: no weight gradients to compute
+        self.G.mapping.requires_grad_(r.adversarial_trains != "synthesis")
         z = torch.randn(n, r.z_dim, generator=self.rng)
         fake = self.G(z, noise_mode="random")
         g_loss = F.softplus(-self.D(augment(fake))).mean()
@@ -442,8 +448,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=1000, help="checker evaluation and sample grid every N steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--adversarial-trains", choices=["all", "mapping"], default="all",
-                        help="mapping: freeze the synthesis network in the adversarial stage")
+    parser.add_argument("--adversarial-trains", choices=["all", "mapping", "synthesis"], default="all",
+                        help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping frozen)")
     parser.add_argument("--export", type=Path, default=None, help="write generator/discriminator here at the end")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
