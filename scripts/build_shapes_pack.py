@@ -18,7 +18,7 @@ trained with `lpips_backbone=random` (a seeded random AlexNet trunk: on flat-col
 its features still compare local edges and colours, which is what a perceptual term adds to L2).
 
 Usage: python scripts/build_shapes_pack.py [--workdir work_shapes] [--pack-dir clip2gan_cli/packs/shapes]
-       [--clip-steps 1200] [--gan-decoder-steps 5500] [--gan-adversarial-steps 3000] [--mapper-steps 4100]
+       [--clip-steps 1200] [--gan-decoder-steps 5500] [--gan-adversarial-steps 1500] [--mapper-steps 4100]
 """
 from __future__ import annotations
 
@@ -195,8 +195,8 @@ def main(argv=None) -> None:
     parser.add_argument("--checker-steps", type=int, default=300)
     parser.add_argument("--gan-decoder-steps", type=int, default=5500)
     parser.add_argument("--gan-mapping-steps", type=int, default=13000)
-    parser.add_argument("--gan-adversarial-steps", type=int, default=3000)
-    parser.add_argument("--gan-adversarial-trains", choices=["all", "mapping", "synthesis"], default="all",
+    parser.add_argument("--gan-adversarial-steps", type=int, default=1500)
+    parser.add_argument("--gan-adversarial-trains", choices=["all", "mapping", "synthesis"], default="synthesis",
                         help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping frozen)")
     # 4,100: a run continued to 12,000 steps fit image features closer and lowered generate's colour
     # accuracy 0.93 -> 0.83 (more positions per prompt, 3.2 -> 5.5); the shipped mapper is step 4,100
