@@ -242,13 +242,13 @@ class ShapesGanTrainer:
         self.rng.manual_seed(step_seed)
         torch.manual_seed(step_seed)
 
-    def decoder_batch(self, step: int) -> tuple[int, float]:
-        """(batch size, edge weight) of decoder step `step`: the plain-L1 warm-up, then the recipe's."""
-        if step < self.recipe.decoder_warmup_steps:
+    def decoder_batch(self, step: int | None) -> tuple[int, float]:
+        """(batch size, edge weight) of decoder step `step`: the plain-L1 warm-up, then (or for None) the recipe's."""
+        if step is not None and step < self.recipe.decoder_warmup_steps:
             return self.recipe.decoder_warmup_batch, 0.0
         return self.recipe.decoder_batch, self.recipe.edge_weight
 
-    def decoder_step(self, step: int = 1 << 30) -> float:
+    def decoder_step(self, step: int | None = None) -> float:
         batch, edge_weight = self.decoder_batch(step)
         loss = self.decoder_loss(random_codes(batch, self.rng), edge_weight)
         self.opt_decoder.zero_grad(set_to_none=True)
