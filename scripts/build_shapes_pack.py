@@ -78,14 +78,20 @@ def stage_checker(args, log) -> dict:
     return {"real_accuracy": checker_accuracy(checker, n=1000)}
 
 
-def stage_gan(args, log) -> dict:
+def gan_trainer(args, log):
+    """The GAN trainer of this build, resumed from the work directory (the gan and export stages)."""
     import torch
-    from shapes_gan import STAGES as GAN_STAGES
     from shapes_gan import GanRecipe, ShapesGanTrainer
 
     torch.set_num_threads(args.threads)
-    trainer = ShapesGanTrainer(args.workdir, GanRecipe(adversarial_trains=args.gan_adversarial_trains),
-                               seed=args.seed, log=log)
+    return ShapesGanTrainer(args.workdir, GanRecipe(adversarial_trains=args.gan_adversarial_trains),
+                            seed=args.seed, log=log)
+
+
+def stage_gan(args, log) -> dict:
+    from shapes_gan import STAGES as GAN_STAGES
+
+    trainer = gan_trainer(args, log)
     steps = (args.gan_decoder_steps, args.gan_mapping_steps, args.gan_adversarial_steps)
     for gan_stage, budget in zip(GAN_STAGES, steps):
         trainer.run_stage(gan_stage, budget)
@@ -93,12 +99,7 @@ def stage_gan(args, log) -> dict:
 
 
 def stage_export(args, log) -> dict:
-    import torch
-    from shapes_gan import GanRecipe, ShapesGanTrainer
-
-    torch.set_num_threads(args.threads)
-    trainer = ShapesGanTrainer(args.workdir, GanRecipe(adversarial_trains=args.gan_adversarial_trains),
-                               seed=args.seed, log=log)
+    trainer = gan_trainer(args, log)
     args.pack_dir.mkdir(parents=True, exist_ok=True)
     written = list(trainer.export(args.pack_dir))
     for name in ("clip.safetensors", "clip_config.json"):
