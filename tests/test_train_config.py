@@ -42,6 +42,8 @@ def test_unknown_key_is_rejected_by_name(tmp_path):
     ({"batch_size": "8"}, "batch_size' expects int"),
     ({"compile": 1}, "compile' expects bool"),
     ({"synthetic_ratio": 0.5}, "needs --data DIR"),
+    ({"lr_schedule": "linear"}, "lr_schedule must be one of"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
 ])
 def test_bad_values_are_rejected_naming_the_key(values, message):
     with pytest.raises(UserInputError, match=message):
@@ -83,3 +85,16 @@ def test_cli_unknown_override_key_exits_1_naming_it(cli_runner):
     result = cli_runner(["train", "--pack", "shapes", "--set", "lambda_foo=1", "--dry-run"])
     assert result.exit_code == 1
     assert "unknown key 'lambda_foo'" in result.output
+
+
+def test_cosine_schedule_starts_at_lr_halves_midway_and_ends_at_zero():
+    from clip2gan_cli.train.config import learning_rate
+
+    cosine = TrainConfig(lr=4e-4, steps=100, lr_schedule="cosine")
+    assert learning_rate(cosine, 0) == pytest.approx(4e-4)
+    assert learning_rate(cosine, 50) == pytest.approx(2e-4)
+    assert learning_rate(cosine, 100) == pytest.approx(0.0, abs=1e-12)
+    rates = [learning_rate(cosine, step) for step in range(101)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    constant = TrainConfig(lr=4e-4, steps=100)
+    assert {learning_rate(constant, step) for step in (0, 50, 99)} == {4e-4}

@@ -98,6 +98,40 @@ def test_resume_gives_the_same_mapper_as_an_uninterrupted_run(tmp_path, frozen):
     assert steps == [1, 2, 3, 4]
 
 
+def test_cosine_schedule_and_gradient_clipping_resume_exactly_and_clip(tmp_path, frozen, monkeypatch):
+    import shutil
+
+    config = tiny_config(steps=4, checkpoint_every=2, lr_schedule="cosine", max_grad_norm=0.05)
+    run_training(config, tmp_path / "whole", models=models_for(frozen), progress=False)
+    # the same run stopped after its step-2 checkpoint: resuming recomputes the step-3/4 learning rates
+    shutil.copytree(tmp_path / "whole", tmp_path / "stopped")
+    (tmp_path / "stopped" / "checkpoints" / "step-00000004.pt").unlink()
+    (tmp_path / "stopped" / "mapper.safetensors").unlink()
+    run_training(config, tmp_path / "stopped", resume=True, models=models_for(frozen), progress=False)
+    assert (tmp_path / "whole" / "mapper.safetensors").read_bytes() == \
+        (tmp_path / "stopped" / "mapper.safetensors").read_bytes()
+
+    # the optimiser sees the clipped gradient; the log keeps the norm before clipping
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    clipped = tiny_config(steps=3, lambda_adv=0.0, max_grad_norm=0.05)
+    run_training(clipped, tmp_path / "clipped", models=models_for(frozen, with_discriminator=False), progress=False)
+    logged = [json.loads(line)["loss/grad_norm"] for line in (tmp_path / "clipped" / "metrics.jsonl").read_text().splitlines()]
+    assert min(logged) > 0.05 and max(seen) == pytest.approx(0.05, rel=1e-4)
+    seen.clear()
+    run_training(tiny_config(steps=3, lambda_adv=0.0), tmp_path / "unclipped",
+                 models=models_for(frozen, with_discriminator=False), progress=False)
+    logged = [json.loads(line)["loss/grad_norm"] for line in (tmp_path / "unclipped" / "metrics.jsonl").read_text().splitlines()]
+    assert seen == pytest.approx(logged, rel=1e-5)
+
+
 def test_a_failure_during_save_keeps_the_previous_checkpoint(tmp_path, frozen, monkeypatch):
     real_write = trainer_module.write_checkpoint_file
     calls = []

@@ -38,7 +38,7 @@ from ..errors import CheckpointError, OutputError, TrainingError, UserInputError
 from ..fileutil import atomic_path, atomic_write_text, ensure_writable_dir
 from ..mapper import Mapper, check_compatible, perturb_clip_features, save_mapper
 from . import losses as L
-from .config import TrainConfig
+from .config import TrainConfig, learning_rate
 from .data import STREAM_D_INIT, STREAM_GP, STREAM_NOISE, SyntheticSource, build_batches, step_generator
 
 CHECKPOINT_FORMAT = "clip2gan-train-v1"
@@ -283,11 +283,18 @@ def _run(config: TrainConfig, run_dir: Path, resume: bool, models: TrainModels |
                                 hint=f"the last good checkpoint in {run_dir / 'checkpoints'} is kept; "
                                      "lower lr or check the data")
         if scaler is not None:
+            scaler.unscale_(opt_m)  # clip (and measure) the true gradient, not the scaled one
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(mapper.parameters(), config.max_grad_norm or math.inf))
+        for group in opt_m.param_groups:
+            group["lr"] = learning_rate(config, step)
+        if scaler is not None:
             scaler.step(opt_m)
             scaler.update()
         else:
             opt_m.step()
         update_ema(mapper_ema, mapper, config.ema_decay)
+        if math.isfinite(grad_norm):  # fp16 overflow steps (skipped by the scaler) are not logged
+            values["grad_norm"] = grad_norm
 
         # 3. bookkeeping
         for name, value in values.items():
