@@ -163,6 +163,10 @@ def stage_mapper(args, log) -> dict:
                     # feature gap; generate samples at --mapper-generation-noise (stored in the file):
                     # measured colour 0.93 / shape 0.83 at 0.1, 0.72 / 0.64 at 0.3, 0.38 colour at 0.6.
                     "--set", f"div_std={args.mapper_div_std}",
+                    # L_div's ratio spikes when a perturbed image nearly equals its original: without
+                    # clipping, every run here had 1-2 steps that threw L_rec from ~0.06 back to ~0.2.
+                    "--set", f"max_grad_norm={args.mapper_max_grad_norm}",
+                    "--set", f"lr_schedule={args.mapper_lr_schedule}",
                     "--set", "checkpoint_every=100", "--set", "sample_every=200", "--set", "log_every=20",
                     "--set", "num_sample_images=4",
                     "--set", 'sample_prompts=["a red circle", "a blue square", "a green triangle", "a yellow cross"]']
@@ -213,6 +217,9 @@ def main(argv=None) -> None:
     parser.add_argument("--mapper-lr", type=float, default=5e-4)
     parser.add_argument("--mapper-lambda-adv", type=float, default=0.0)
     parser.add_argument("--mapper-div-std", type=float, default=0.6)
+    parser.add_argument("--mapper-max-grad-norm", type=float, default=1.0,
+                        help="clip the mapper's gradient norm (typical norms here: 0.4-0.9; 0 = off)")
+    parser.add_argument("--mapper-lr-schedule", choices=["constant", "cosine"], default="cosine")
     parser.add_argument("--mapper-generation-noise", type=float, default=0.1)
     parser.add_argument("--mapper-hidden", type=int, default=256)
     parser.add_argument("--mapper-edit-direction", choices=["text", "image"], default="image")
