@@ -124,6 +124,9 @@ class Mapper(nn.Module):
         widths = [config.clip_dim] + [config.hidden_dim] * (config.num_layers - 1) + [config.num_ws * config.w_dim]
         self.layers = nn.ModuleList(nn.Linear(w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:]))
         self.register_buffer("w_offset", torch.zeros(config.w_dim))
+        # CLIP's modality gap for this mapper: mean image feature - mean text feature of captioned
+        # images (zeros: none known, the paper's behaviour); see `text_to_image_features`
+        self.register_buffer("text_feature_shift", torch.zeros(config.clip_dim))
         self.reset_parameters()
 
     # The paper's symbols, as on the generator.
@@ -153,6 +156,35 @@ class Mapper(nn.Module):
     def set_w_offset(self, w_avg: torch.Tensor) -> None:
         """Centre the output on the generator's average latent (call once before training)."""
         self.w_offset.copy_(w_avg.detach().reshape(-1).to(self.w_offset))
+
+    @torch.no_grad()
+    def set_text_feature_shift(self, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+        """Store the modality gap measured on paired data: mean(image_features) - mean(text_features).
+
+        `image_features[i]` and `text_features[i]` are CLIP features of an image and of its caption.
+        """
+        if image_features.shape != text_features.shape or image_features.shape[-1] != self.config.clip_dim:
+            raise UserInputError(f"paired features must both be [N, {self.config.clip_dim}], got "
+                                 f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+        shift = image_features.float().mean(0) - text_features.float().mean(0)
+        self.text_feature_shift.copy_(shift.to(self.text_feature_shift))
+
+    def text_to_image_features(self, text_features: torch.Tensor) -> torch.Tensor:
+        """Text features moved by the stored modality gap and re-normalised (unchanged when none is stored).
+
+        The mapper is trained on image features only; CLIP's text features of the same content sit
+        apart from them by a nearly constant offset (Liang et al. 2022, "Mind the Gap"). Moving a text
+        feature by the mean offset puts it where the mapper was trained (measured in docs/shapes_pack.md).
+        """
+        if not bool(self.text_feature_shift.any()):
+            return text_features
+        shifted = text_features + self.text_feature_shift.to(device=text_features.device, dtype=text_features.dtype)
+        return F.normalize(shifted, dim=-1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Files and checkpoints written before the shift existed: no shift (the paper's behaviour).
+        state_dict.setdefault(prefix + "text_feature_shift", torch.zeros_like(self.text_feature_shift))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, clip_features: torch.Tensor) -> torch.Tensor:
         """W+ codes `[N, num_ws, w_dim]` for CLIP features `[N, clip_dim]`."""

@@ -83,9 +83,12 @@ def synthesize(generator, w_plus: torch.Tensor, batch_size: int = 8, noise_mode:
 
 @torch.no_grad()
 def text_latents(clip, mapper, texts: Sequence[str]) -> torch.Tensor:
-    """W+ codes M(C_text(t)) of prompts, without feature noise: [len(texts), num_ws, w_dim]."""
+    """W+ codes M(C_text(t)) of prompts, without feature noise: [len(texts), num_ws, w_dim].
+
+    C_text(t) is moved by the mapper's stored modality gap (`Mapper.text_to_image_features`).
+    """
     features = clip.encode_text(validate_prompts(texts))
-    return mapper(features.to(mapper.w_offset.device)).float()
+    return mapper(mapper.text_to_image_features(features.to(mapper.w_offset.device))).float()
 
 
 def invert(clip, mapper, images: torch.Tensor) -> torch.Tensor:
@@ -99,7 +102,10 @@ def generate(generator, clip, mapper, texts: Sequence[str], n: int = 8, seed: in
              truncation_psi: float = 1.0, batch_size: int = 8, noise_mode: str = "const",
              feature_noise: tuple[str, float] | None = None,
              progress: Callable[[int], None] | None = None) -> GenerateResult:
-    """n images for each prompt: CLIP text feature -> feature noise -> mapper -> truncation -> generator.
+    """n images for each prompt: CLIP text feature -> modality-gap shift -> feature noise -> mapper
+    -> truncation -> generator.
+
+    The shift is the mapper's stored one (`Mapper.text_to_image_features`; none for a mapper without).
 
     The feature noise is the kind the mapper was trained with (`mapper.config.noise_mode`, at
     `mapper.config.sampling_noise_strength`: the training strength unless the mapper file sets a
@@ -114,7 +120,7 @@ def generate(generator, clip, mapper, texts: Sequence[str], n: int = 8, seed: in
         raise UserInputError(f"-n and the batch size must be at least 1, got {n} and {batch_size}")
     mode, strength = feature_noise or (mapper.config.noise_mode, mapper.config.sampling_noise_strength)
     with torch.no_grad():
-        text_features = clip.encode_text(texts).to(mapper.w_offset.device)      # [P, D]
+        text_features = mapper.text_to_image_features(clip.encode_text(texts).to(mapper.w_offset.device))  # [P, D]
         noise_rows = sample_noise(n, text_features.shape[1], seed).to(text_features.device)   # [n, D]
         features = torch.cat([perturb_clip_features(text_features[p:p + 1].expand(n, -1), mode, strength,
                                                     noise=noise_rows)

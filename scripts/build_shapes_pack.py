@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from clip2gan_cli.fileutil import atomic_path  # noqa: E402
 from clip2gan_cli.mapper import load_mapper, save_mapper  # noqa: E402
 from clip2gan_cli.pipeline import parse_layers  # noqa: E402
+import shapes_gan  # noqa: E402
 
 STAGES = ("clip", "checker", "gan", "export", "mapper")
 
@@ -137,7 +138,9 @@ def stage_mapper(args, log) -> dict:
         training_data = str(write_dataset(args.workdir / "dataset", args.dataset_size, args.seed + 2024, log))
     else:
         training_data = "synthetic"
-    if (run_dir / "config.toml").exists() or any(run_dir.glob("checkpoint*")):
+    if mapper_run_finished(run_dir, args.mapper_steps):
+        command = None  # trained earlier; the steps after training still run
+    elif (run_dir / "config.toml").exists() or any(run_dir.glob("checkpoint*")):
         command += ["--resume", str(run_dir)]
     else:
         # The models just exported: the builtin pack itself, or explicit files when --pack-dir is elsewhere.
@@ -170,11 +173,20 @@ def stage_mapper(args, log) -> dict:
                     "--set", "checkpoint_every=100", "--set", "sample_every=200", "--set", "log_every=20",
                     "--set", "num_sample_images=4",
                     "--set", 'sample_prompts=["a red circle", "a blue square", "a green triangle", "a yellow cross"]']
-    command += ["--steps", str(args.mapper_steps)]
-    log("running: " + " ".join(command))
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CLIP2GAN_OFFLINE="1")
-    subprocess.run(command, check=True, cwd=REPO, env=env)
+    if command is not None:
+        command += ["--steps", str(args.mapper_steps)]
+        log("running: " + " ".join(command))
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CLIP2GAN_OFFLINE="1")
+        subprocess.run(command, check=True, cwd=REPO, env=env)
     mapper = load_mapper(run_dir / "mapper.safetensors")
+    if args.mapper_text_shift_samples > 0:
+        # CLIP's modality gap, measured on domain images and captions drawn like the CLIP's training
+        # pairs: generate moves text features by it into the image-feature region the mapper learnt.
+        image_features, text_features = paired_clip_features(args.pack_dir / "clip_config.json",
+                                                             args.mapper_text_shift_samples, args.seed + 4096)
+        mapper.set_text_feature_shift(image_features, text_features)
+        log(f"text feature shift: norm {mapper.text_feature_shift.norm():.4f} "
+            f"({args.mapper_text_shift_samples} captioned images)")
     # How to use this mapper, stored in its file: generate's noise strength and edit's defaults
     # (bench/shapes_quality.py measures each form; docs/shapes_pack.md has the numbers).
     mapper.config = dataclasses.replace(
@@ -184,6 +196,33 @@ def stage_mapper(args, log) -> dict:
     save_mapper(mapper, args.pack_dir / "mapper.safetensors", metadata={"clip2gan.source.pack": "shapes"})
     os.chmod(args.pack_dir / "mapper.safetensors", 0o644)
     return {"run_dir": str(run_dir)}
+
+
+def mapper_run_finished(run_dir: Path, steps: int) -> bool:
+    """True when the mapper run wrote its final checkpoint (step == steps) and mapper.safetensors."""
+    from clip2gan_cli.train.trainer import checkpoint_paths
+
+    done = checkpoint_paths(run_dir) if (run_dir / "checkpoints").is_dir() else []
+    return bool(done) and done[-1][0] >= steps and (run_dir / "mapper.safetensors").is_file()
+
+
+def paired_clip_features(clip_config: Path, n: int, seed: int):
+    """CLIP image features of `data.sample(n, seed)` and text features of one caption per image."""
+    import numpy as np
+    import torch
+
+    from clip2gan_cli.clip import load_clip_from_config_file
+    from clip2gan_cli.packs.shapes import data
+
+    clip = load_clip_from_config_file(clip_config, device="cpu")
+    images, attributes = data.sample(n, seed=seed)
+    rng = np.random.default_rng(seed)
+    captions = [data.caption(attrs, rng) for attrs in attributes]
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        image_features = torch.cat([clip.encode_image(pixels[i:i + 256]) for i in range(0, n, 256)])
+        text_features = torch.cat([clip.encode_text(captions[i:i + 256]) for i in range(0, n, 256)])
+    return image_features, text_features
 
 
 RUNNERS = {"clip": stage_clip, "checker": stage_checker, "gan": stage_gan, "export": stage_export,
@@ -205,8 +244,9 @@ def main(argv=None) -> None:
     # space 0.030 -> 0.074 and lowered the shape kept by inversion 0.89 -> 0.72 and by text generation
     # 0.68 -> 0.64 (colour 0.86 -> 0.97). docs/shapes_pack.md has the runs.
     parser.add_argument("--gan-adversarial-steps", type=int, default=0)
-    parser.add_argument("--gan-adversarial-trains", choices=["all", "mapping", "synthesis"], default="synthesis",
-                        help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping frozen)")
+    parser.add_argument("--gan-adversarial-trains", choices=shapes_gan.ADVERSARIAL_TRAINS, default="discriminator",
+                        help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping "
+                             "frozen; discriminator: G frozen)")
     # 4,100: a run continued to 12,000 steps fit image features closer and lowered generate's colour
     # accuracy 0.93 -> 0.83 (more positions per prompt, 3.2 -> 5.5); the shipped mapper is step 4,100
     parser.add_argument("--mapper-steps", type=int, default=4100)
@@ -221,6 +261,8 @@ def main(argv=None) -> None:
                         help="clip the mapper's gradient norm (typical norms here: 0.4-0.9; 0 = off)")
     parser.add_argument("--mapper-lr-schedule", choices=["constant", "cosine"], default="cosine")
     parser.add_argument("--mapper-generation-noise", type=float, default=0.1)
+    parser.add_argument("--mapper-text-shift-samples", type=int, default=4096,
+                        help="captioned images that measure the text feature shift (0 = no shift)")
     parser.add_argument("--mapper-hidden", type=int, default=256)
     parser.add_argument("--mapper-edit-direction", choices=["text", "image"], default="image")
     parser.add_argument("--mapper-edit-layers", default="4:", help="W+ rows edits move by default (START:STOP)")

@@ -47,6 +47,7 @@ from clip2gan_cli.packs.shapes import data  # noqa: E402
 from clip2gan_cli.stylegan2.networks import build_discriminator, build_generator  # noqa: E402
 
 STAGES = ("decoder", "mapping", "adversarial")
+ADVERSARIAL_TRAINS = ("all", "mapping", "synthesis", "discriminator")
 
 
 @dataclass
@@ -82,7 +83,8 @@ class GanRecipe:
     # What the adversarial stage trains: "all" (mapping + synthesis + E, with the anchor), "mapping"
     # (synthesis frozen: the pack's CLIP mapper, trained against this synthesis network, stays valid) or
     # "synthesis" (+ E, with the anchor; the mapping network's uniform attribute code stays as trained,
-    # so D can sharpen what the synthesis renders between attribute clusters but cannot drop modes)
+    # so D can sharpen what the synthesis renders between attribute clusters but cannot drop modes), or
+    # "discriminator" (G frozen: D alone learns this G's samples against the data, the pack's critic)
     adversarial_trains: str = "synthesis"
     translate_px: int = 3  # DiffAugment translation (pixels)
     cutout: float = 0.25  # DiffAugment cutout side as a fraction of the image
@@ -203,8 +205,10 @@ class ShapesGanTrainer:
             "mapping": list(self.G.mapping.parameters()),
             "synthesis": list(self.G.synthesis.parameters()) + list(self.E.parameters()),
             "all": list(self.G.parameters()) + list(self.E.parameters()),
+            "discriminator": [],
         }[recipe.adversarial_trains]
-        self.opt_g = torch.optim.Adam(adversarial_params, lr=recipe.g_lr, betas=(0.0, 0.99))
+        self.opt_g = (torch.optim.Adam(adversarial_params, lr=recipe.g_lr, betas=(0.0, 0.99))
+                      if adversarial_params else None)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=recipe.d_lr * mb, betas=(0.0, 0.99 ** mb))
         self.progress = {stage: {"seconds": 0.0, "images": 0, "steps": 0} for stage in STAGES}
         self.seed = seed
@@ -220,15 +224,17 @@ class ShapesGanTrainer:
         ckpt = torch.load(self.path, weights_only=True)
         saved_trains = json.loads(ckpt.get("recipe", "{}")).get("adversarial_trains", "all")
         for name in ("G", "D", "E", "G_ema", "opt_decoder", "opt_mapping", "opt_g", "opt_d"):
-            if name == "opt_g" and saved_trains != self.recipe.adversarial_trains:
-                self.log(f"adversarial stage now trains '{self.recipe.adversarial_trains}': fresh generator optimiser")
+            if name == "opt_g" and (saved_trains != self.recipe.adversarial_trains or self.opt_g is None
+                                    or ckpt.get("opt_g") is None):
+                if self.opt_g is not None:
+                    self.log(f"adversarial stage now trains '{self.recipe.adversarial_trains}': fresh generator optimiser")
                 continue
             getattr(self, name).load_state_dict(ckpt[name])
         self.progress = json.loads(ckpt["progress"])
         self.log(f"resumed: {json.dumps(self.progress)}")
 
     def save(self) -> None:
-        state = {name: getattr(self, name).state_dict()
+        state = {name: getattr(self, name).state_dict() if getattr(self, name) is not None else None
                  for name in ("G", "D", "E", "G_ema", "opt_decoder", "opt_mapping", "opt_g", "opt_d")}
         state["progress"] = json.dumps(self.progress)
         state["recipe"] = json.dumps(asdict(self.recipe))
@@ -281,6 +287,10 @@ class ShapesGanTrainer:
     def adversarial_step(self, step: int) -> dict:
         r, n = self.recipe, self.recipe.batch
         augment = lambda x: diff_augment(x, r.translate_px, r.cutout)  # noqa: E731
+        if r.adversarial_trains == "discriminator":
+            with torch.no_grad():  # G frozen: its EMA weights (what ships) are the fakes D learns
+                fake = self.G_ema(torch.randn(n, r.z_dim, generator=self.rng), noise_mode="random")
+            return {**self.discriminator_step(step, fake), "g": 0.0, "anchor": 0.0}
         # Generator: fool D, and keep rendering E(attrs) faithfully (anchor).
         self.D.requires_grad_(False)
         mapping_only = r.adversarial_trains == "mapping"
@@ -296,9 +306,16 @@ class ShapesGanTrainer:
         (g_loss + r.anchor_weight * anchor).backward()
         self.opt_g.step()
         self.D.requires_grad_(True)
-        # Discriminator: logistic loss on real vs fake, lazy R1 on reals.
+        losses = self.discriminator_step(step, fake.detach())
+        self._update_ema()
+        return {"g": g_loss.item(), **losses, "anchor": anchor.item()}
+
+    def discriminator_step(self, step: int, fake: torch.Tensor) -> dict:
+        """Logistic loss on real vs `fake` (detached), lazy R1 on reals."""
+        r, n = self.recipe, self.recipe.batch
+        augment = lambda x: diff_augment(x, r.translate_px, r.cutout)  # noqa: E731
         real = render_codes(random_codes(n, self.rng))
-        d_loss = F.softplus(self.D(augment(fake.detach()))).mean() + F.softplus(-self.D(augment(real))).mean()
+        d_loss = F.softplus(self.D(augment(fake))).mean() + F.softplus(-self.D(augment(real))).mean()
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
@@ -311,8 +328,7 @@ class ShapesGanTrainer:
             self.opt_d.zero_grad(set_to_none=True)
             (r1 * (r.r1_gamma / 2) * r.r1_interval).backward()
             self.opt_d.step()
-        self._update_ema()
-        return {"g": g_loss.item(), "d": d_loss.item(), "anchor": anchor.item(), "r1": r1.item()}
+        return {"d": d_loss.item(), "r1": r1.item()}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -451,8 +467,9 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=1000, help="checker evaluation and sample grid every N steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--adversarial-trains", choices=["all", "mapping", "synthesis"], default="synthesis",
-                        help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping frozen)")
+    parser.add_argument("--adversarial-trains", choices=ADVERSARIAL_TRAINS, default="synthesis",
+                        help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping "
+                             "frozen; discriminator: G frozen)")
     parser.add_argument("--export", type=Path, default=None, help="write generator/discriminator here at the end")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -56,6 +56,34 @@ def test_save_and_load_round_trip_rebuilds_without_flags(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp files left
 
 
+def test_text_feature_shift_is_the_mean_gap_is_saved_and_old_files_load_without_one(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    mapper = Mapper(clip_dim=16, num_ws=2, w_dim=4, hidden_dim=8)
+    text = _features(5, 16, seed=1)
+    assert torch.equal(mapper.text_to_image_features(text), text)  # no shift stored: unchanged
+    images = _features(5, 16, seed=2)
+    mapper.set_text_feature_shift(images, text)
+    torch.testing.assert_close(mapper.text_feature_shift, images.mean(0) - text.mean(0))
+    shifted = mapper.text_to_image_features(text)
+    torch.testing.assert_close(shifted, F.normalize(text + images.mean(0) - text.mean(0), dim=-1))
+    # moving the captions' mean text feature by the shift lands on the images' mean feature (direction)
+    centre = mapper.text_to_image_features(text.mean(0, keepdim=True))
+    torch.testing.assert_close(centre, F.normalize(images.mean(0, keepdim=True), dim=-1))
+
+    path = save_mapper(mapper, tmp_path / "m.safetensors")
+    torch.testing.assert_close(load_mapper(path).text_to_image_features(text), shifted)
+    # a file written before the shift existed: same weights, no shift
+    tensors = load_file(str(path))
+    del tensors["text_feature_shift"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=read_mapper_metadata(path))
+    old = load_mapper(tmp_path / "old.safetensors")
+    assert not old.text_feature_shift.any()
+    torch.testing.assert_close(old(text), mapper(text))
+    with pytest.raises(UserInputError, match="paired features"):
+        mapper.set_text_feature_shift(images, text[:3])
+
+
 def test_load_errors_are_one_line_project_errors(tmp_path):
     from safetensors.torch import save_file
 

@@ -67,6 +67,31 @@ def test_a_generation_noise_strength_in_the_mapper_config_replaces_the_training_
     assert not torch.allclose(result.w_plus, _generate(models, n=3, seed=5).w_plus)
 
 
+def test_generate_and_text_latents_move_text_features_by_the_mappers_shift(tiny_models):
+    import torch.nn.functional as F
+
+    models = tiny_models
+    prompts = ["a red circle", "a blue square"]
+    plain = _generate(models, prompts, n=2, seed=3)
+    shift = torch.randn(models.mapper.clip_dim, generator=torch.Generator().manual_seed(0)) * 0.3
+    models.mapper.text_feature_shift.copy_(shift)
+    try:
+        shifted = _generate(models, prompts, n=2, seed=3)
+        latents = pipeline.text_latents(models.clip, models.mapper, prompts)
+    finally:
+        models.mapper.text_feature_shift.zero_()
+    assert not torch.allclose(shifted.w_plus, plain.w_plus)
+    with torch.no_grad():
+        moved = F.normalize(models.clip.encode_text(prompts) + shift, dim=-1)
+        expected = models.mapper(moved)
+    torch.testing.assert_close(latents, expected)
+    noise = pipeline.sample_noise(2, moved.shape[1], 3)
+    with torch.no_grad():
+        first = models.mapper(perturb_clip_features(moved[:1].expand(2, -1), models.mapper.config.noise_mode,
+                                                    models.mapper.config.sampling_noise_strength, noise=noise))
+    torch.testing.assert_close(shifted.w_plus[:2], first)
+
+
 def test_a_negative_generation_noise_strength_is_refused(tiny_models):
     import dataclasses
 

@@ -225,3 +225,61 @@ def test_build_state_accumulates_stage_time_and_resumes_done_stages(tmp_path):
     again = build_shapes_pack.BuildState(tmp_path / "build_state.json")
     assert again.done("clip") and not again.done("gan")
     assert again.times() == {"clip": 20.0}
+
+
+def test_text_feature_shift_of_the_build_moves_captions_toward_their_images(tmp_path):
+    import build_shapes_pack
+    import torch.nn.functional as F
+
+    from clip2gan_cli.mapper import Mapper
+
+    pack_dir = Path(shapes.__file__).parent
+    image_features, text_features = build_shapes_pack.paired_clip_features(pack_dir / "clip_config.json", 256, 7)
+    assert image_features.shape == text_features.shape == (256, image_features.shape[1])
+    mapper = Mapper(clip_dim=image_features.shape[1], num_ws=2, w_dim=4, hidden_dim=8)
+    mapper.set_text_feature_shift(image_features[:128], text_features[:128])
+    # held-out pairs: the shifted captions' centre lands near the images' centre, and no pair gets worse
+    # on average (captions are vague: "a circle" fits many images, so single pairs move less)
+    texts, images, shifted = text_features[128:], image_features[128:], mapper.text_to_image_features(text_features[128:])
+    gap_before = (texts.mean(0) - images.mean(0)).norm()
+    gap_after = (shifted.mean(0) - images.mean(0)).norm()
+    assert gap_after < 0.5 * gap_before, (float(gap_before), float(gap_after))
+    assert F.cosine_similarity(shifted, images).mean() > F.cosine_similarity(texts, images).mean()
+
+
+def test_build_skips_a_finished_mapper_run_only(tmp_path):
+    import build_shapes_pack
+
+    run = tmp_path / "mapper_run"
+    assert not build_shapes_pack.mapper_run_finished(run, 10)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000005.pt").write_bytes(b"x")
+    (run / "mapper.safetensors").write_bytes(b"x")
+    assert not build_shapes_pack.mapper_run_finished(run, 10)
+    (run / "checkpoints" / "step-00000010.pt").write_bytes(b"x")
+    assert build_shapes_pack.mapper_run_finished(run, 10)
+
+
+def test_discriminator_only_adversarial_stage_keeps_g_and_resumes_exactly(tmp_path):
+    recipe = shapes_gan.GanRecipe(batch=4, g_channels={4: 8, 8: 8, 16: 8, 32: 8}, d_channels={4: 8, 8: 8, 16: 8, 32: 8},
+                                  r1_interval=2, decoder_batch=2, decoder_warmup_steps=1, decoder_warmup_batch=3,
+                                  adversarial_trains="discriminator")
+    straight = shapes_gan.ShapesGanTrainer(tmp_path / "straight", recipe, seed=5, log=lambda m: None)
+    straight.run_stage("decoder", 2)
+    straight.run_stage("mapping", 2)
+    g_before = {k: v.clone() for k, v in straight.G_ema.state_dict().items()}
+    d_before = {k: v.clone() for k, v in straight.D.state_dict().items()}
+    straight.run_stage("adversarial", 3)
+    assert all(torch.equal(v, straight.G_ema.state_dict()[k]) for k, v in g_before.items())
+    assert not all(torch.equal(v, straight.D.state_dict()[k]) for k, v in d_before.items())
+    assert straight.opt_g is None
+
+    # the same run stopped after 2 adversarial steps, resumed in a new trainer
+    stopped = shapes_gan.ShapesGanTrainer(tmp_path / "stopped", recipe, seed=5, log=lambda m: None)
+    stopped.run_stage("decoder", 2)
+    stopped.run_stage("mapping", 2)
+    stopped.run_stage("adversarial", 2)
+    resumed = shapes_gan.ShapesGanTrainer(tmp_path / "stopped", recipe, seed=5, log=lambda m: None)
+    resumed.run_stage("adversarial", 3)
+    a, b = straight.D.state_dict(), resumed.D.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
