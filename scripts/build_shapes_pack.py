@@ -168,6 +168,7 @@ def stage_mapper(args, log) -> dict:
                     "--set", f"div_std={args.mapper_div_std}",
                     # L_div's ratio spikes when a perturbed image nearly equals its original: without
                     # clipping, every run here had 1-2 steps that threw L_rec from ~0.06 back to ~0.2.
+                    "--set", f"lambda_div={args.mapper_lambda_div}",
                     "--set", f"max_grad_norm={args.mapper_max_grad_norm}",
                     "--set", f"lr_schedule={args.mapper_lr_schedule}",
                     "--set", "checkpoint_every=100", "--set", "sample_every=200", "--set", "log_every=20",
@@ -257,6 +258,7 @@ def main(argv=None) -> None:
     parser.add_argument("--mapper-lr", type=float, default=5e-4)
     parser.add_argument("--mapper-lambda-adv", type=float, default=0.0)
     parser.add_argument("--mapper-div-std", type=float, default=0.6)
+    parser.add_argument("--mapper-lambda-div", type=float, default=0.1)
     parser.add_argument("--mapper-max-grad-norm", type=float, default=1.0,
                         help="clip the mapper's gradient norm (typical norms here: 0.4-0.9; 0 = off)")
     parser.add_argument("--mapper-lr-schedule", choices=["constant", "cosine"], default="cosine")
@@ -266,7 +268,7 @@ def main(argv=None) -> None:
     parser.add_argument("--mapper-hidden", type=int, default=256)
     parser.add_argument("--mapper-edit-direction", choices=["text", "image"], default="image")
     parser.add_argument("--mapper-edit-layers", default="4:", help="W+ rows edits move by default (START:STOP)")
-    parser.add_argument("--mapper-edit-beta", type=float, default=1.5)
+    parser.add_argument("--mapper-edit-beta", type=float, default=1.25)
     parser.add_argument("--only", choices=STAGES, action="append", help="run only these stages (repeatable)")
     parser.add_argument("--redo", choices=STAGES, action="append", default=[], help="run these even if done")
     args = parser.parse_args(argv)
@@ -296,6 +298,7 @@ def main(argv=None) -> None:
              "seed": args.seed, "threads": args.threads}
     with atomic_path(args.pack_dir / "build_times.json") as tmp:
         Path(tmp).write_text(json.dumps(times, indent=2) + "\n")
+    os.chmod(args.pack_dir / "build_times.json", 0o644)  # package data, like the weights
     log(f"pack in {args.pack_dir}: {json.dumps(times['stage_seconds'])}")
 
 
