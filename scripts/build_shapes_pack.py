@@ -3,11 +3,11 @@
 Stages (each resumable; finished stages are skipped on the next run):
   1. clip      tiny open_clip CLIP, contrastive on (image, caption) pairs   scripts/shapes_clip.py
   2. checker   independent attribute CNN (monitoring and bench only)        scripts/shapes_checker.py
-  3. gan       StyleGAN2 G + D: decoder, mapping code, adversarial stages   scripts/shapes_gan.py
+  3. gan       StyleGAN2 G + D: decoder, mapping code, adversarial (D only)  scripts/shapes_gan.py
   4. export    generator/discriminator/CLIP into the pack directory
   5. mapper    `clip2gan train --pack shapes --data <work>/dataset` (the user code path, on
                16,384 rendered domain images; `--mapper-data synthetic` uses G(z) samples instead),
-               then mapper.safetensors into the pack directory
+               then CLIP's text feature shift, and mapper.safetensors into the pack directory
 Budgets are steps, and every step's random draws are seeded from (seed, step): the same seed, thread
 count and torch build give the same pack on any machine, however loaded, however often interrupted.
 Each stage's wall time is added to `build_times.json` beside the weights (and to the work
@@ -18,7 +18,7 @@ trained with `lpips_backbone=random` (a seeded random AlexNet trunk: on flat-col
 its features still compare local edges and colours, which is what a perceptual term adds to L2).
 
 Usage: python scripts/build_shapes_pack.py [--workdir work_shapes] [--pack-dir clip2gan_cli/packs/shapes]
-       [--clip-steps 1200] [--gan-decoder-steps 5500] [--gan-adversarial-steps 0] [--mapper-steps 4100]
+       [--clip-steps 1200] [--gan-decoder-steps 5500] [--gan-adversarial-steps 1000] [--mapper-steps 4100]
 """
 from __future__ import annotations
 
@@ -240,16 +240,16 @@ def main(argv=None) -> None:
     parser.add_argument("--checker-steps", type=int, default=300)
     parser.add_argument("--gan-decoder-steps", type=int, default=5500)
     parser.add_argument("--gan-mapping-steps", type=int, default=13000)
-    # Off by default, measured on a full default rebuild (the same run resumed at the end of the mapping
-    # stage with 0 steps, identical up to there): 1,500 anchored steps raised G(z)'s FD in the pack's CLIP
-    # space 0.030 -> 0.074 and lowered the shape kept by inversion 0.89 -> 0.72 and by text generation
-    # 0.68 -> 0.64 (colour 0.86 -> 0.97). docs/shapes_pack.md has the runs.
-    parser.add_argument("--gan-adversarial-steps", type=int, default=0)
+    # The discriminator alone by default (G frozen): a trained critic for the shipped G. Training G as well
+    # made the pack worse on a full rebuild (the same run resumed at the end of the mapping stage, identical
+    # up to there): 1,500 anchored synthesis steps raised G(z)'s FD in the pack's CLIP space 0.030 -> 0.074
+    # and lowered the shape kept by inversion 0.89 -> 0.72. docs/shapes_pack.md has the runs.
+    parser.add_argument("--gan-adversarial-steps", type=int, default=1000)
     parser.add_argument("--gan-adversarial-trains", choices=shapes_gan.ADVERSARIAL_TRAINS, default="discriminator",
                         help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping "
                              "frozen; discriminator: G frozen)")
-    # 4,100: a run continued to 12,000 steps fit image features closer and lowered generate's colour
-    # accuracy 0.93 -> 0.83 (more positions per prompt, 3.2 -> 5.5); the shipped mapper is step 4,100
+    # 4,100 steps, the cosine schedule ending there (the first pack's constant-rate run, continued to 12,000
+    # steps, fit image features closer and lowered generate's colour accuracy 0.93 -> 0.83)
     parser.add_argument("--mapper-steps", type=int, default=4100)
     parser.add_argument("--mapper-data", choices=["dataset", "synthetic"], default="dataset",
                         help="train the mapper on rendered domain images or on G(z) samples")
