@@ -166,9 +166,9 @@ def stage_mapper(args, log) -> dict:
                     # feature gap; generate samples at --mapper-generation-noise (stored in the file):
                     # measured colour 0.93 / shape 0.83 at 0.1, 0.72 / 0.64 at 0.3, 0.38 colour at 0.6.
                     "--set", f"div_std={args.mapper_div_std}",
+                    "--set", f"lambda_div={args.mapper_lambda_div}",
                     # L_div's ratio spikes when a perturbed image nearly equals its original: without
                     # clipping, every run here had 1-2 steps that threw L_rec from ~0.06 back to ~0.2.
-                    "--set", f"lambda_div={args.mapper_lambda_div}",
                     "--set", f"max_grad_norm={args.mapper_max_grad_norm}",
                     "--set", f"lr_schedule={args.mapper_lr_schedule}",
                     "--set", "checkpoint_every=100", "--set", "sample_every=200", "--set", "log_every=20",

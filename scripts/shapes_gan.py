@@ -284,9 +284,12 @@ class ShapesGanTrainer:
         self.opt_mapping.step()
         return loss.item()
 
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """The recipe's DiffAugment (translation + cutout), applied to everything D sees."""
+        return diff_augment(images, self.recipe.translate_px, self.recipe.cutout)
+
     def adversarial_step(self, step: int) -> dict:
         r, n = self.recipe, self.recipe.batch
-        augment = lambda x: diff_augment(x, r.translate_px, r.cutout)  # noqa: E731
         if r.adversarial_trains == "discriminator":
             with torch.no_grad():  # G frozen: its EMA weights (what ships) are the fakes D learns
                 fake = self.G_ema(torch.randn(n, r.z_dim, generator=self.rng), noise_mode="random")
@@ -298,7 +301,7 @@ class ShapesGanTrainer:
         self.G.mapping.requires_grad_(r.adversarial_trains != "synthesis")
         z = torch.randn(n, r.z_dim, generator=self.rng)
         fake = self.G(z, noise_mode="random")
-        g_loss = F.softplus(-self.D(augment(fake))).mean()
+        g_loss = F.softplus(-self.D(self.augment(fake))).mean()
         anchor = torch.zeros(())
         if r.anchor_weight > 0 and not mapping_only:
             anchor = self.decoder_loss(random_codes(n // 2, self.rng))
@@ -313,16 +316,15 @@ class ShapesGanTrainer:
     def discriminator_step(self, step: int, fake: torch.Tensor) -> dict:
         """Logistic loss on real vs `fake` (detached), lazy R1 on reals."""
         r, n = self.recipe, self.recipe.batch
-        augment = lambda x: diff_augment(x, r.translate_px, r.cutout)  # noqa: E731
         real = render_codes(random_codes(n, self.rng))
-        d_loss = F.softplus(self.D(augment(fake))).mean() + F.softplus(-self.D(augment(real))).mean()
+        d_loss = F.softplus(self.D(self.augment(fake))).mean() + F.softplus(-self.D(self.augment(real))).mean()
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
         r1 = torch.zeros(())
         if step % r.r1_interval == 0:
             real = real.detach().requires_grad_(True)
-            logits = self.D(augment(real))
+            logits = self.D(self.augment(real))
             (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
             r1 = grad.square().sum([1, 2, 3]).mean()
             self.opt_d.zero_grad(set_to_none=True)
