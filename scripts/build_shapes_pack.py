@@ -82,19 +82,16 @@ def stage_checker(args, log) -> dict:
 def gan_trainer(args, log):
     """The GAN trainer of this build, resumed from the work directory (the gan and export stages)."""
     import torch
-    from shapes_gan import GanRecipe, ShapesGanTrainer
 
     torch.set_num_threads(args.threads)
-    return ShapesGanTrainer(args.workdir, GanRecipe(adversarial_trains=args.gan_adversarial_trains),
-                            seed=args.seed, log=log)
+    recipe = shapes_gan.GanRecipe(adversarial_trains=args.gan_adversarial_trains)
+    return shapes_gan.ShapesGanTrainer(args.workdir, recipe, seed=args.seed, log=log)
 
 
 def stage_gan(args, log) -> dict:
-    from shapes_gan import STAGES as GAN_STAGES
-
     trainer = gan_trainer(args, log)
     steps = (args.gan_decoder_steps, args.gan_mapping_steps, args.gan_adversarial_steps)
-    for gan_stage, budget in zip(GAN_STAGES, steps):
+    for gan_stage, budget in zip(shapes_gan.STAGES, steps):
         trainer.run_stage(gan_stage, budget)
     return {"progress": trainer.progress}
 
