@@ -277,7 +277,14 @@ def edit_command(
     text: Optional[str] = typer.Argument(None, metavar="TEXT", help="Edit text (weight: --beta)."),
     beta: Optional[str] = typer.Option(None, "--beta", help="Strength of TEXT's edit (default: the mapper's, else 2)."),
     edits: List[str] = typer.Option([], "--edit", metavar="TEXT:BETA", help="More edits (repeatable)."),
-    neutral: Optional[str] = typer.Option(None, "--neutral", help="Neutral text: the direction of TEXT minus that of the neutral text (e.g. what the image shows)."),
+    neutral: Optional[str] = typer.Option(
+        None, "--neutral", metavar="TEXT|auto|none",
+        help="Neutral text: the direction of TEXT minus that of the neutral text (what the image shows now). "
+             "auto: TEXT with its contrast words swapped for those CLIP finds in the image ('blue' -> 'red'); "
+             "none: no neutral (the paper). Default: the mapper's, else none."),
+    contrast: List[str] = typer.Option(
+        [], "--contrast", metavar="WORD,WORD,...",
+        help="Interchangeable words for --neutral auto (repeatable; replaces the mapper's sets)."),
     direction: Optional[str] = typer.Option(
         None, "--direction", metavar="text|image",
         help="text: n = M(C_text(t)) (the paper); image: n = M(C_img(x) + C_text(t)) - M(C_img(x)) "
@@ -300,7 +307,7 @@ def edit_command(
     from . import imageio, pipeline
     from .device import resolve_device
     from .errors import UserInputError
-    from .mapper import EDIT_DIRECTIONS
+    from .mapper import EDIT_DIRECTIONS, NEUTRAL_AUTO, check_contrast_sets
     from .packs import output_metadata, select_models
 
     text_beta = pipeline.parse_beta(beta) if beta is not None else None
@@ -310,6 +317,9 @@ def edit_command(
     if direction is not None and direction not in EDIT_DIRECTIONS:
         raise UserInputError(f"unknown --direction '{direction}'", hint=f"expected {' or '.join(EDIT_DIRECTIONS)}")
     row_range = pipeline.parse_layers(layers) if layers is not None else None
+    contrast_sets = check_contrast_sets([spec.split(",") for spec in contrast]) if contrast else None
+    if contrast_sets is not None and neutral not in (None, NEUTRAL_AUTO):
+        raise UserInputError("--contrast is used only with --neutral auto")
     if refine_steps < 0:
         raise UserInputError(f"--refine-steps must be >= 0, got {refine_steps}")
     imageio.read_image(image)  # bad images fail before any model loads
@@ -323,18 +333,37 @@ def edit_command(
     requested = [(t, b if b is not None else default_beta) for t, b in requested]
     direction = direction or recommended.edit_direction
     row_range = row_range if layers is not None else recommended.edit_layers
+    neutral = recommended.edit_neutral if neutral is None else (None if neutral == "none" else neutral)
+    if contrast_sets is not None and neutral != NEUTRAL_AUTO:
+        raise UserInputError("--contrast is used only with --neutral auto")
     pipeline.layer_mask(models.generator.num_ws, row_range)  # a bad --layers fails before any work
     bar, advance = _progress("Refining", refine_steps)
     with bar:
         result = pipeline.edit(models.generator, models.clip, models.mapper, source, requested, neutral=neutral,
                                refine_steps=refine_steps, lpips=_refine_lpips(refine_steps),
-                               w_plus=w_plus, direction=direction, layers=row_range, progress=advance)
-    label = "+".join(f"{t}:{b:g}" for t, b in requested) + (f"-vs-{neutral}" if neutral else "")
+                               w_plus=w_plus, direction=direction, layers=row_range,
+                               contrast_sets=contrast_sets, progress=advance)
+    used = [row[0] for row in result.neutrals]  # one image: the neutral each edit text used
+    if neutral == NEUTRAL_AUTO:
+        for (edit_text, _), inferred in zip(requested, used):
+            if inferred is None:
+                err(f"Neutral for '{edit_text}': none (no contrast word in the text)")
+            elif inferred.lower() == edit_text.lower():
+                err(f"Neutral for '{edit_text}': the text itself (the image already matches it: no change)")
+            else:
+                err(f"Neutral for '{edit_text}': '{inferred}' (inferred from the image)")
+    if len(set(used)) == 1:  # one neutral for every edit: named once, as before auto existed
+        label = "+".join(f"{t}:{b:g}" for t, b in requested) + (f"-vs-{used[0]}" if used[0] else "")
+        neutral_used = used[0] or ""
+    else:
+        label = "+".join(f"{t}:{b:g}" + (f"-vs-{n}" if n else "") for (t, b), n in zip(requested, used))
+        neutral_used = "; ".join(n or "" for n in used)
     rows = "all" if row_range is None else ":".join("" if v is None else str(v) for v in row_range)
     records = imageio.write_edit_outputs(out, image.stem, source, result.reconstruction, result.edited,
                                          result.w_plus_edited, label,
                                          metadata=output_metadata(models, source=image.name, edits=label,
-                                                                  neutral=neutral or "", direction=direction,
+                                                                  neutral=neutral_used,
+                                                                  direction=direction,
                                                                   layers=rows))
     _emit(records, json_out)
 

@@ -40,6 +40,20 @@ FORMAT_METADATA_KEY = "clip2gan.format"
 FORMAT_NAME = "clip2gan-mapper-v1"
 NOISE_MODES = ("multiplicative", "additive", "none")
 EDIT_DIRECTIONS = ("text", "image")  # see pipeline.edit_directions
+NEUTRAL_AUTO = "auto"  # edit's neutral text inferred from the image over contrast sets (pipeline.infer_neutrals)
+
+
+def check_contrast_sets(contrast_sets) -> list[list[str]]:
+    """Contrast sets as lists of stripped words; UserInputError unless each holds >= 2 distinct non-empty texts."""
+    checked = []
+    for members in contrast_sets:
+        if isinstance(members, str) or not all(isinstance(word, str) for word in members):
+            raise UserInputError(f"a contrast set must be a list of words, got {members!r}")
+        words = [word.strip() for word in members]
+        if any(not word for word in words) or len({word.lower() for word in words}) != len(words) or len(words) < 2:
+            raise UserInputError(f"a contrast set needs at least two distinct non-empty words, got {members!r}")
+        checked.append(words)
+    return checked
 
 
 def check_edit_direction(direction: str) -> None:
@@ -70,6 +84,11 @@ class MapperConfig:
     edit_direction: str = "text"
     edit_layers: tuple[int | None, int | None] | None = None  # W+ rows [start, stop) an edit moves; None = all
     edit_beta: float | None = None
+    # edit's default neutral: None (none: the paper) or "auto" (the text with its contrast-set words swapped
+    # for those that best describe the image, e.g. "blue" -> "red" for a red circle)
+    edit_neutral: str | None = None
+    # interchangeable words for "auto" (e.g. the colours of a domain); the CLI's --contrast overrides them
+    edit_contrast_sets: list[list[str]] | None = None
 
     def __post_init__(self):
         if min(self.clip_dim, self.num_ws, self.w_dim, self.hidden_dim) < 1 or self.num_layers < 1:
@@ -87,6 +106,12 @@ class MapperConfig:
             self.edit_layers = tuple(self.edit_layers)  # JSON gives a list
         if self.edit_beta is not None and not math.isfinite(self.edit_beta):
             raise UserInputError(f"edit beta must be a finite number, got {self.edit_beta}")
+        if self.edit_neutral not in (None, NEUTRAL_AUTO):
+            raise UserInputError(f"edit neutral must be null or '{NEUTRAL_AUTO}', got {self.edit_neutral!r}")
+        if self.edit_contrast_sets is not None:
+            if isinstance(self.edit_contrast_sets, str):
+                raise UserInputError(f"edit contrast sets must be a list of word lists, got {self.edit_contrast_sets!r}")
+            self.edit_contrast_sets = check_contrast_sets(self.edit_contrast_sets)
 
     @property
     def sampling_noise_strength(self) -> float:

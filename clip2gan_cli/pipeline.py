@@ -11,14 +11,18 @@ Generator contract (stylegan2.networks.Generator): `synthesis(ws, noise_mode)`, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import re
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import UserInputError
-from .mapper import check_edit_direction, perturb_clip_features
+from .mapper import NEUTRAL_AUTO, check_contrast_sets, check_edit_direction, perturb_clip_features
+
+MAX_NEUTRAL_CANDIDATES = 4096  # texts scored by infer_neutrals for one edit text (product of its sets' sizes)
 
 
 @dataclass
@@ -40,6 +44,7 @@ class EditResult:
     w_plus_edited: torch.Tensor   # [N, num_ws, w_dim] w_plus + sum(beta * direction) on the edited rows
     edited: torch.Tensor          # [N, 3, R, R] G(w_plus_edited)
     directions: torch.Tensor      # [len(edits), N, num_ws, w_dim] the direction of each edit text, per image
+    neutrals: list = field(default_factory=list)  # [len(edits)][N] the neutral text each direction used (or None)
 
 
 def validate_prompts(texts: Sequence[str]) -> list[str]:
@@ -144,9 +149,9 @@ def sample_noise(n: int, dim: int, seed: int) -> torch.Tensor:
     return torch.stack([torch.randn(dim, generator=source, dtype=torch.float32) for _ in range(n)])
 
 
-def edit_directions(clip, mapper, edits: Sequence[tuple[str, float]], neutral: str | None = None,
+def edit_directions(clip, mapper, edits: Sequence[tuple[str, float]], neutral=None,
                     direction: str = "text", image_features: torch.Tensor | None = None) -> torch.Tensor:
-    """The W+ direction of each edit text: [len(edits), N, num_ws, w_dim] (N = 1 for "text").
+    """The W+ direction of each edit text: [len(edits), N, num_ws, w_dim] (N = 1 when nothing is per image).
 
     "text" (the paper): n = M(C_text(t)), or M(C_text(t)) - M(C_text(neutral)) with a neutral text,
     which removes what the edit text shares with a plain description ("a face").
@@ -155,25 +160,85 @@ def edit_directions(clip, mapper, edits: Sequence[tuple[str, float]], neutral: s
     [N, D]. For a linear mapper both agree (up to the paper form's bias); the mapper is not linear,
     and evaluating it at the image keeps it on the image's part of W+ (measured in
     docs/shapes_pack.md).
+    neutral: None, one text for every edit and image, or per edit a list of one text (or None) per
+    image (what `infer_neutrals` returns).
     """
     check_edit_direction(direction)
-    texts = [text for text, _ in edits]
+    texts = validate_prompts([text for text, _ in edits])
+    if neutral is None or isinstance(neutral, str):
+        table = [[neutral] for _ in texts]
+    else:
+        table = [list(row) for row in neutral]
+        if len(table) != len(texts) or len({len(row) for row in table}) != 1:
+            raise UserInputError("per-image neutrals need one list of the same length for each edit text")
+    known = sorted({n for row in table for n in row if n is not None})  # the distinct neutral texts
+    if known:
+        validate_prompts(known)
     device = mapper.w_offset.device
     if direction == "text":
-        directions = text_latents(clip, mapper, texts)
-        if neutral is not None:
-            directions = directions - text_latents(clip, mapper, [neutral])
-        return directions.unsqueeze(1).cpu()
+        latents = dict(zip(texts + known, text_latents(clip, mapper, texts + known)))
+        return torch.stack([torch.stack([latents[text] - (latents[n] if n is not None else 0) for n in row])
+                            for text, row in zip(texts, table)]).cpu()
     if image_features is None:
         raise UserInputError("image edit directions need the image's CLIP features")
     with torch.no_grad():
-        text_offsets = clip.encode_text(validate_prompts(texts)).to(device)            # [E, D]
-        if neutral is not None:
-            text_offsets = text_offsets - clip.encode_text(validate_prompts([neutral])).to(device)
+        encoded = dict(zip(texts + known, clip.encode_text(texts + known).to(device)))
         image_features = image_features.to(device)
         at_image = mapper(image_features).float()                                          # [N, num_ws, w_dim]
-        directions = torch.stack([mapper(image_features + offset).float() - at_image for offset in text_offsets])
-    return directions.cpu()
+        directions = []
+        for text, row in zip(texts, table):
+            offsets = torch.stack([encoded[text] - (encoded[n] if n is not None else 0) for n in row])  # [1|N, D]
+            directions.append(mapper(image_features + offsets).float() - at_image)
+    return torch.stack(directions).cpu()
+
+
+def contrast_candidates(text: str, contrast_sets: Sequence[Sequence[str]]) -> list[str]:
+    """Every text made from `text` by swapping each word of a contrast set in it for each member of that set.
+
+    Words match whole and case-insensitively; a word in two sets belongs to the first. The text itself
+    (in the sets' spelling) is among the results; [text] when it holds no contrast word.
+    """
+    slots = []  # (start, stop, members) of each contrast word in the text
+    for members in check_contrast_sets(contrast_sets):
+        pattern = r"(?<!\w)(" + "|".join(re.escape(w) for w in sorted(members, key=len, reverse=True)) + r")(?!\w)"
+        slots += [(m.start(), m.end(), members) for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+    kept, covered_to = [], -1
+    for start, stop, members in sorted(slots, key=lambda slot: slot[0]):
+        if start >= covered_to:  # overlaps an earlier match of another set: the earlier set keeps it
+            kept.append((start, stop, members))
+            covered_to = stop
+    count = 1
+    for _, _, members in kept:
+        count *= len(members)
+    if count > MAX_NEUTRAL_CANDIDATES:
+        raise UserInputError(f"'{text}' holds too many contrast words to infer a neutral ({count} combinations)",
+                             hint="give --neutral TEXT")
+    candidates = []
+    for choice in itertools.product(*[members for _, _, members in kept]):
+        pieces, cursor = [], 0
+        for (start, stop, _), word in zip(kept, choice):
+            pieces += [text[cursor:start], word]
+            cursor = stop
+        candidates.append("".join(pieces) + text[cursor:])
+    return list(dict.fromkeys(candidates))
+
+
+@torch.no_grad()
+def infer_neutrals(clip, mapper, text: str, image_features: torch.Tensor,
+                   contrast_sets: Sequence[Sequence[str]]) -> list[str | None]:
+    """For each image [N, D] of CLIP features, the variant of `text` (`contrast_candidates`) CLIP finds
+    closest to it: "blue" -> "red" for a red circle. None for each image when the text has no contrast word.
+
+    Text features are moved by the mapper's modality gap first, as everywhere the mapper meets text.
+    """
+    candidates = contrast_candidates(text, contrast_sets)
+    if len(candidates) < 2:
+        return [None] * image_features.shape[0]
+    device = mapper.w_offset.device
+    features = torch.cat([clip.encode_text(candidates[i:i + 256]).to(device) for i in range(0, len(candidates), 256)])
+    features = F.normalize(mapper.text_to_image_features(features).float(), dim=-1)
+    scores = F.normalize(image_features.to(device).float(), dim=-1) @ features.T   # [N, candidates]
+    return [candidates[index] for index in scores.argmax(dim=1).tolist()]
 
 
 def parse_layers(spec: str) -> tuple[int | None, int | None]:
@@ -237,6 +302,7 @@ def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str
          neutral: str | None = None, refine_steps: int = 0, lpips=None, w_plus: torch.Tensor | None = None,
          refine_lr: float = 0.01, noise_mode: str = "const", direction: str = "text",
          layers: tuple[int | None, int | None] | None = None,
+         contrast_sets: Sequence[Sequence[str]] | None = None,
          progress: Callable[[int], None] | None = None) -> EditResult:
     """Text edits of images: w = M(C_img(x)) (optionally refined); w' = w + sum(beta * n_text).
 
@@ -246,17 +312,25 @@ def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str
     edits: (text, beta) pairs (an empty list gives just the reconstruction).
     direction: "text" (the paper) or "image" (see `edit_directions`); layers: the W+ rows
     [start, stop) the edit moves (None: all), e.g. (2, None) leaves the coarsest rows alone.
+    neutral: None, a text, or "auto": for each edit text and image, `infer_neutrals` over `contrast_sets`
+    (default: the mapper's `edit_contrast_sets`); the result's `neutrals` says what each edit used.
     """
     for text, beta in edits:
         validate_prompts([text])
         if not isinstance(beta, (int, float)) or beta != beta:
             raise UserInputError(f"beta for '{text}' must be a number, got {beta!r}")
-    if neutral is not None:
+    auto = neutral == NEUTRAL_AUTO
+    if auto:
+        contrast_sets = contrast_sets if contrast_sets is not None else mapper.config.edit_contrast_sets
+        if not contrast_sets:
+            raise UserInputError("--neutral auto needs contrast sets and this mapper has none",
+                                 hint="give --contrast WORD,WORD,... or --neutral TEXT")
+    elif neutral is not None:
         validate_prompts([neutral])
     check_edit_direction(direction)
     mask = layer_mask(generator.num_ws, layers)
     image_features = None
-    if direction == "image" or w_plus is None:
+    if direction == "image" or w_plus is None or auto:
         with torch.no_grad():
             image_features = clip.encode_image(image)
     if w_plus is None:
@@ -271,8 +345,12 @@ def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str
         w_plus = refine_inversion(generator, w_plus, image, refine_steps, lr=refine_lr, lpips=lpips,
                                   noise_mode=noise_mode, progress=progress)
     count = w_plus.shape[0]
+    if auto:
+        neutrals = [infer_neutrals(clip, mapper, text, image_features, contrast_sets) for text, _ in edits]
+    else:
+        neutrals = [[neutral] * count for _ in edits]
     if edits:
-        directions = edit_directions(clip, mapper, edits, neutral, direction, image_features)
+        directions = edit_directions(clip, mapper, edits, neutrals if auto else neutral, direction, image_features)
         directions = directions.expand(-1, count, -1, -1)
         betas = torch.tensor([float(beta) for _, beta in edits]).view(-1, 1, 1, 1)
         w_plus_edited = w_plus + mask * (betas * directions).sum(0)
@@ -281,7 +359,7 @@ def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str
         w_plus_edited = w_plus.clone()
     both = synthesize(generator, torch.cat([w_plus, w_plus_edited]), noise_mode=noise_mode)
     return EditResult(w_plus=w_plus, reconstruction=both[:count], w_plus_edited=w_plus_edited,
-                      edited=both[count:], directions=directions)
+                      edited=both[count:], directions=directions, neutrals=neutrals)
 
 
 def interpolate(w_a: torch.Tensor, w_b: torch.Tensor, frames: int = 24, spherical: bool = False) -> torch.Tensor:

@@ -86,6 +86,33 @@ def test_the_mappers_edit_defaults_apply_and_flags_override_them(cli_runner, tmp
     assert not torch.allclose(w_default, w_flags)
 
 
+def test_auto_neutral_names_what_it_inferred_and_none_turns_a_mappers_default_off(cli_runner, tmp_path, input_image):
+    import dataclasses
+
+    from clip2gan_cli.imageio import read_png_metadata
+    from clip2gan_cli.mapper import load_mapper, save_mapper
+
+    pack = make_tiny_pack(tmp_path / "pack")
+
+    def run(out, *args):
+        result = cli_runner(["edit", input_image, "blue", *args, *pack.cli_args(), "--out", tmp_path / out, "--json"])
+        assert result.exit_code == 0, result.stderr
+        edited = json.loads(result.stdout.splitlines()[0])["path"]
+        return read_png_metadata(edited), result.stderr
+
+    metadata, stderr = run("auto", "--neutral", "auto", "--contrast", "red,green,blue")
+    inferred = metadata["neutral"]
+    assert inferred in ("red", "green", "blue") and metadata["edits"] == f"blue:2-vs-{inferred}"
+    assert f"Neutral for 'blue': " in stderr and (inferred == "blue" or f"'{inferred}'" in stderr)
+    mapper = load_mapper(pack.mapper)
+    mapper.config = dataclasses.replace(mapper.config, edit_neutral="auto",
+                                        edit_contrast_sets=[["red", "green", "blue"]])
+    save_mapper(mapper, pack.mapper)
+    assert run("default")[0]["neutral"] == inferred  # the mapper's default: auto over its own sets
+    metadata, stderr = run("none", "--neutral", "none")
+    assert (metadata["neutral"], metadata["edits"]) == ("", "blue:2") and "Neutral for" not in stderr
+
+
 def test_from_a_saved_latent_and_with_refinement(cli_runner, tiny_pack, tmp_path, input_image):
     generated = cli_runner(["generate", "a red circle", "-n", "1", "--save-latents", *tiny_pack.cli_args(),
                             "--out", tmp_path / "gen"])
@@ -137,6 +164,10 @@ def test_bad_images(cli_runner, tiny_pack, tmp_path):
     (["blue", "--layers", "2"], ["--layers must be START:STOP"]),
     (["blue", "--layers", "4:2"], ["selects no rows", "6 W+ rows"]),
     (["blue", "--layers", "9:"], ["selects no rows"]),
+    (["blue", "--neutral", "auto"], ["--neutral auto needs contrast sets", "--contrast"]),
+    (["blue", "--neutral", "red", "--contrast", "red,blue"], ["--contrast is used only with --neutral auto"]),
+    (["blue", "--contrast", "red,blue"], ["--contrast is used only with --neutral auto"]),
+    (["blue", "--neutral", "auto", "--contrast", "red"], ["two distinct"]),
 ])
 def test_bad_edit_arguments(cli_runner, tiny_pack, tmp_path, input_image, args, fragments):
     result = _edit(cli_runner, tiny_pack, tmp_path / "out", input_image, *args)

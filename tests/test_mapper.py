@@ -107,13 +107,19 @@ def test_load_errors_are_one_line_project_errors(tmp_path):
 
 def test_edit_defaults_round_trip_and_bad_ones_are_refused(tmp_path):
     mapper = Mapper(config=MapperConfig(clip_dim=4, num_ws=3, w_dim=2, hidden_dim=4, num_layers=2,
-                                        edit_direction="image", edit_layers=(1, None), edit_beta=1.25))
+                                        edit_direction="image", edit_layers=(1, None), edit_beta=1.25,
+                                        edit_neutral="auto", edit_contrast_sets=[["red", "blue"], ["big", "small"]]))
     loaded = load_mapper(save_mapper(mapper, tmp_path / "m.safetensors"))
     assert (loaded.config.edit_direction, loaded.config.edit_layers, loaded.config.edit_beta) == ("image", (1, None), 1.25)
+    assert loaded.config.edit_neutral == "auto"
+    assert loaded.config.edit_contrast_sets == [["red", "blue"], ["big", "small"]]
     base = {"clip_dim": 4, "num_ws": 2, "w_dim": 2}
     for bad, message in (({"edit_direction": "pixels"}, "unknown edit direction"),
                          ({"edit_layers": [1, 2, 3]}, "edit layers"), ({"edit_layers": ["a", None]}, "edit layers"),
-                         ({"edit_beta": float("nan")}, "finite")):
+                         ({"edit_beta": float("nan")}, "finite"), ({"edit_neutral": "red"}, "edit neutral"),
+                         ({"edit_contrast_sets": "red,blue"}, "list of word lists"),
+                         ({"edit_contrast_sets": [["red"]]}, "two distinct"),
+                         ({"edit_contrast_sets": [["red", 3]]}, "list of words")):
         with pytest.raises(UserInputError, match=message):
             MapperConfig.from_dict({**base, **bad})
     from safetensors.torch import load_file, save_file

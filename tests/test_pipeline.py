@@ -155,6 +155,90 @@ def test_image_direction_is_the_mappers_response_at_the_image(tiny_models):
     torch.testing.assert_close(text_form.directions[0, 0], text_form.directions[0, 1])
 
 
+COLOURS, SHAPES = ["red", "green", "blue"], ["circle", "square"]
+
+
+def test_contrast_candidates_swap_each_contrast_word_for_every_member_of_its_set():
+    assert pipeline.contrast_candidates("blue", [COLOURS, SHAPES]) == ["red", "green", "blue"]
+    both = pipeline.contrast_candidates("a blue square", [COLOURS, SHAPES])
+    assert both == [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    assert pipeline.contrast_candidates("a happy face", [COLOURS]) == ["a happy face"]
+
+
+def test_contrast_candidates_match_whole_words_case_insensitively_and_the_first_set_owns_a_word():
+    # "reddish" and "bluebell" are not contrast words; "Red" is, in the sets' spelling
+    assert pipeline.contrast_candidates("a reddish bluebell, Red!", [COLOURS]) == [
+        "a reddish bluebell, red!", "a reddish bluebell, green!", "a reddish bluebell, blue!"]
+    # "light blue" (two words) wins over "blue" inside it; "blue" is in two sets: the first keeps it
+    assert pipeline.contrast_candidates("light blue", [["light blue", "dark red"], COLOURS]) == [
+        "light blue", "dark red"]
+    assert pipeline.contrast_candidates("blue", [["blue", "sad"], COLOURS]) == ["blue", "sad"]
+
+
+def test_contrast_candidates_refuse_too_many_combinations_and_bad_sets():
+    words = [f"w{i}" for i in range(10)]
+    with pytest.raises(UserInputError, match="too many contrast words"):
+        pipeline.contrast_candidates(" ".join(words[:4]), [words])  # 10**4 combinations
+    for bad in (["red"], ["red", "Red"], ["red", " "], "red,green"):
+        with pytest.raises(UserInputError, match="contrast set"):
+            pipeline.contrast_candidates("red", [bad])
+
+
+class _LookupClip:
+    """A CLIP stand-in whose text features are fixed unit vectors, one per known text."""
+
+    def __init__(self, texts):
+        self.features = {text: torch.nn.functional.one_hot(torch.tensor(i), len(texts)).float()
+                         for i, text in enumerate(texts)}
+
+    def encode_text(self, texts):
+        return torch.stack([self.features[text] for text in texts])
+
+
+def test_infer_neutrals_picks_for_each_image_the_candidate_clip_finds_closest():
+    from clip2gan_cli.mapper import Mapper, MapperConfig
+
+    texts = ["a red circle", "a green circle", "a blue circle"]
+    clip = _LookupClip(texts)
+    mapper = Mapper(config=MapperConfig(clip_dim=3, num_ws=2, w_dim=2, hidden_dim=4, num_layers=2))
+    images = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3]])  # closest to green, then red
+    assert pipeline.infer_neutrals(clip, mapper, "a blue circle", images, [COLOURS]) == [
+        "a green circle", "a red circle"]
+    assert pipeline.infer_neutrals(clip, mapper, "a blue circle", images, [["small", "large"]]) == [None, None]
+    # the mapper's modality gap moves text features before they are compared: green's becomes [0, -1, 0]
+    mapper.text_feature_shift.copy_(torch.tensor([0.0, -5.0, 0.0]))
+    assert pipeline.infer_neutrals(clip, mapper, "a blue circle", images[:1], [COLOURS]) == ["a red circle"]
+
+
+@pytest.mark.parametrize("direction", ["text", "image"])
+def test_auto_neutral_edits_each_image_as_its_inferred_neutral_would(tiny_models, direction):
+    models = tiny_models
+    images = _generate(models, ["a red circle", "a green square", "a blue circle"], n=1, seed=3).images
+    sets = [COLOURS, SHAPES]
+    result = pipeline.edit(models.generator, models.clip, models.mapper, images, [("a blue circle", 1.5)],
+                           neutral="auto", direction=direction, contrast_sets=sets)
+    features = models.clip.encode_image(images)
+    inferred = pipeline.infer_neutrals(models.clip, models.mapper, "a blue circle", features, sets)
+    assert result.neutrals == [inferred]
+    for index, neutral in enumerate(inferred):
+        alone = pipeline.edit(models.generator, models.clip, models.mapper, images[index:index + 1],
+                              [("a blue circle", 1.5)], neutral=neutral, direction=direction)
+        torch.testing.assert_close(result.directions[0, index], alone.directions[0, 0])
+        torch.testing.assert_close(result.w_plus_edited[index], alone.w_plus_edited[0])
+
+
+def test_auto_neutral_needs_contrast_sets_and_leaves_texts_without_a_contrast_word_alone(tiny_models):
+    models = tiny_models
+    image = _generate(models, n=1, seed=2).images
+    with pytest.raises(UserInputError, match="needs contrast sets"):
+        pipeline.edit(models.generator, models.clip, models.mapper, image, [("blue", 1.0)], neutral="auto")
+    auto = pipeline.edit(models.generator, models.clip, models.mapper, image, [("large", 1.0)], neutral="auto",
+                         contrast_sets=[COLOURS])
+    plain = pipeline.edit(models.generator, models.clip, models.mapper, image, [("large", 1.0)])
+    assert auto.neutrals == [[None]]
+    torch.testing.assert_close(auto.w_plus_edited, plain.w_plus_edited)
+
+
 def test_edit_layers_move_only_the_chosen_rows(tiny_models):
     models = tiny_models
     image = _generate(models, n=1, seed=5).images
