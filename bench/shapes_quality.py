@@ -5,11 +5,12 @@ it never sees the pack's CLIP or generator. Sections:
 
   generate   every colour x shape prompt ("a red circle"), n images: colour / shape / joint accuracy
   diversity  mean pixel L1 between images of one prompt; distinct positions and sizes per prompt
-  edit       real images of each colour edited toward every other colour, four text forms (the
-             colour word; with --neutral "a <shape>"; with --neutral "<source colour>"; "a <target>
-             <shape>" with --neutral "a <source> <shape>"), each with the paper's setting and with the
-             mapper's edit defaults (--direction/--layers/--beta): target-colour success; shape,
-             size, position kept
+  edit       real images of each colour edited toward every other colour, six text forms (the
+             colour word; with --neutral "a <shape>"; with --neutral "<source colour>"; with --neutral
+             auto; "a <target> <shape>" with --neutral "a <source> <shape>" and with --neutral auto),
+             each with the paper's setting and with the mapper's edit defaults
+             (--direction/--layers/--beta): target-colour success; shape, size, position kept; for
+             auto, how often the inferred neutral names the source
   fd         Frechet distance in the pack's CLIP image space (metrics.fid, the eval-fid code):
              real vs real (the floor), G(z) vs real, text-generated vs real
   noise      the two readings of the diversity noise (multiplicative / additive), side by side
@@ -82,7 +83,13 @@ EDIT_FORMS = {  # form -> (edit text, neutral text) from (source colour, target 
     "word": lambda src, tgt, shape: (tgt, None),                                     # the paper's "blue"
     "word --neutral shape": lambda src, tgt, shape: (tgt, f"a {shape}"),
     "word --neutral word": lambda src, tgt, shape: (tgt, src),                        # "blue" vs "red"
+    "word --neutral auto": lambda src, tgt, shape: (tgt, "auto"),                     # CLIP names the source
     "described": lambda src, tgt, shape: (f"a {tgt} {shape}", f"a {src} {shape}"),  # names what it shows
+    "described --neutral auto": lambda src, tgt, shape: (f"a {tgt} {shape}", "auto"),
+}
+AUTO_EXPECTED = {  # what --neutral auto should infer for a form (the text naming the source image)
+    "word --neutral auto": lambda src, shape: src,
+    "described --neutral auto": lambda src, shape: f"a {src} {shape}",
 }
 
 
@@ -113,9 +120,12 @@ def score_edits(pack, checker, cases: list[dict], form: str, direction: str, lay
         after = checker.predict(out.edited.float())
         target_ok = int(after["color"][0]) == COLOR_NAMES.index(case["target"])
         shape_ok = int(after["shape"][0]) == data.SHAPES.index(case["shape"])
-        rows.append({"target_color": target_ok, "shape_kept": shape_ok, "both": target_ok and shape_ok,
-                     "size_kept": int(after["size"][0]) == SIZE_NAMES.index(case["size"]),
-                     "position_kept": float((after["position"][0] - torch.tensor(case["xy"])).abs().max()) <= 2.0})
+        row = {"target_color": target_ok, "shape_kept": shape_ok, "both": target_ok and shape_ok,
+               "size_kept": int(after["size"][0]) == SIZE_NAMES.index(case["size"]),
+               "position_kept": float((after["position"][0] - torch.tensor(case["xy"])).abs().max()) <= 2.0}
+        if form in AUTO_EXPECTED:
+            row["neutral_named_source"] = out.neutrals[0][0] == AUTO_EXPECTED[form](case["source"], case["shape"])
+        rows.append(row)
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
@@ -230,10 +240,12 @@ def print_report(report: dict) -> None:
         rec = edit["reconstruction"]
         print(f"\n== edit: {edit['cases']} real images, each colour toward each other colour ==")
         print(f"inversion keeps: colour {rec['color']:.2f}  shape {rec['shape']:.2f}")
-        print(f"{'form | setting':<72}{'target':>8}{'shape':>7}{'both':>6}{'size':>6}{'pos':>6}")
+        print(f"{'form | setting':<76}{'target':>8}{'shape':>7}{'both':>6}{'size':>6}{'pos':>6}{'auto':>6}")
         for name, row in [*edit["forms"].items(), *edit["beta_sweep"].items()]:
-            print(f"{name:<72}{row['target_color']:>8.2f}{row['shape_kept']:>7.2f}{row['both']:>6.2f}"
-                  f"{row['size_kept']:>6.2f}{row['position_kept']:>6.2f}")
+            auto = f"{row['neutral_named_source']:>6.2f}" if "neutral_named_source" in row else ""
+            print(f"{name:<76}{row['target_color']:>8.2f}{row['shape_kept']:>7.2f}{row['both']:>6.2f}"
+                  f"{row['size_kept']:>6.2f}{row['position_kept']:>6.2f}{auto}")
+        print("(auto: share of --neutral auto edits whose inferred neutral names the source image)")
         print("(targets: target colour >= 0.80 with shape kept >= 0.80)")
     if "fd" in report:
         print("\n== FD in the pack's CLIP space ==")

@@ -185,15 +185,23 @@ def stage_mapper(args, log) -> dict:
         mapper.set_text_feature_shift(image_features, text_features)
         log(f"text feature shift: norm {mapper.text_feature_shift.norm():.4f} "
             f"({args.mapper_text_shift_samples} captioned images)")
-    # How to use this mapper, stored in its file: generate's noise strength and edit's defaults
-    # (bench/shapes_quality.py measures each form; docs/shapes_pack.md has the numbers).
+    save_with_usage_defaults(mapper, args)
+    return {"run_dir": str(run_dir)}
+
+
+def save_with_usage_defaults(mapper, args) -> None:
+    """Store how to use this mapper in its file (generate's noise strength, edit's defaults and the
+    contrast sets of --neutral auto) and write it to the pack; bench/shapes_quality.py measures each
+    form, docs/shapes_pack.md has the numbers."""
+    from clip2gan_cli.packs.shapes import data
+
     mapper.config = dataclasses.replace(
         mapper.config, generation_noise_strength=args.mapper_generation_noise,
         edit_direction=args.mapper_edit_direction, edit_layers=parse_layers(args.mapper_edit_layers),
-        edit_beta=args.mapper_edit_beta)
+        edit_beta=args.mapper_edit_beta, edit_neutral=None if args.mapper_edit_neutral == "none" else "auto",
+        edit_contrast_sets=data.contrast_sets())
     save_mapper(mapper, args.pack_dir / "mapper.safetensors", metadata={"clip2gan.source.pack": "shapes"})
     os.chmod(args.pack_dir / "mapper.safetensors", 0o644)
-    return {"run_dir": str(run_dir)}
 
 
 def mapper_run_finished(run_dir: Path, steps: int) -> bool:
@@ -266,9 +274,19 @@ def main(argv=None) -> None:
     parser.add_argument("--mapper-edit-direction", choices=["text", "image"], default="image")
     parser.add_argument("--mapper-edit-layers", default="4:", help="W+ rows edits move by default (START:STOP)")
     parser.add_argument("--mapper-edit-beta", type=float, default=1.25)
+    # auto: `edit red.png "blue"` edits along "blue" - "red", the neutral CLIP reads off the image (the bare
+    # word alone adds a whole text feature, far from every image feature the mapper saw: 0.60 target colour)
+    parser.add_argument("--mapper-edit-neutral", choices=["auto", "none"], default="auto")
+    parser.add_argument("--restamp-mapper", action="store_true",
+                        help="only store the usage defaults above in the pack's existing mapper.safetensors "
+                             "(weights and text shift untouched) and exit")
     parser.add_argument("--only", choices=STAGES, action="append", help="run only these stages (repeatable)")
     parser.add_argument("--redo", choices=STAGES, action="append", default=[], help="run these even if done")
     args = parser.parse_args(argv)
+    if args.restamp_mapper:
+        save_with_usage_defaults(load_mapper(args.pack_dir / "mapper.safetensors"), args)
+        print(f"stored the usage defaults in {args.pack_dir / 'mapper.safetensors'}")
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     state = BuildState(args.workdir / "build_state.json")
     build_start = time.time()

@@ -188,10 +188,11 @@ def test_shipped_pack_generates_the_prompted_colour_offline_on_cpu(monkeypatch):
 
 
 @pytest.mark.slow
-def test_shipped_pack_edits_red_shapes_to_blue_with_its_defaults(cli_runner, tmp_path):
-    """`clip2gan edit red.png blue --neutral red`, no other flags: the pack's edit defaults (direction,
-    rows, beta) turn red shapes blue in place. The bare word alone reaches 0.60 target colour in the
-    quality report (docs/shapes_pack.md); naming what the image is now is the form this pack meets."""
+@pytest.mark.parametrize("neutral", [[], ["--neutral", "red"]], ids=["bare word", "neutral red"])
+def test_shipped_pack_edits_red_shapes_to_blue_with_its_defaults(cli_runner, tmp_path, neutral):
+    """`clip2gan edit red.png blue`, no other flags: the pack's edit defaults (direction, rows, beta and
+    --neutral auto, which infers "red") turn red shapes blue in place, as the explicit neutral does.
+    Without a neutral (`--neutral none`) the bare word reaches 0.60 target colour (docs/shapes_pack.md)."""
     import json
 
     from PIL import Image
@@ -207,8 +208,9 @@ def test_shipped_pack_edits_red_shapes_to_blue_with_its_defaults(cli_runner, tmp
     for index, (shape, size, background, x, y) in enumerate(specs):
         source = tmp_path / f"red_{index}.png"
         Image.fromarray(data.render(shape, "red", size, background, x, y)).save(source)
-        result = cli_runner(["edit", source, "blue", "--neutral", "red", "--out", tmp_path / "out", "--json"])
+        result = cli_runner(["edit", source, "blue", *neutral, "--out", tmp_path / "out", "--json"])
         assert result.exit_code == 0, result.stderr
+        assert bool(neutral) or "Neutral for 'blue': 'red' (inferred from the image)" in result.stderr
         edited = next(json.loads(line)["path"] for line in result.stdout.splitlines()
                       if json.loads(line)["role"] == "edited")
         colour, mask = foreground(Image.open(edited).convert("RGB"))

@@ -50,6 +50,12 @@ TEMPLATES = (
 TEMPLATE_WORDS = ("a", "on", "background", "picture", "of")
 
 
+def contrast_sets() -> list[list[str]]:
+    """The interchangeable words of each attribute (colours, shapes, sizes, backgrounds): what
+    `clip2gan edit --neutral auto` swaps to name what an image shows now."""
+    return [list(COLORS), list(SHAPES), list(SIZES), list(BACKGROUNDS)]
+
+
 def vocabulary() -> list[str]:
     """Every word a caption of this domain can contain, in a fixed order."""
     words = list(TEMPLATE_WORDS) + list(SHAPES) + list(COLORS) + list(SIZES) + list(BACKGROUNDS)
