@@ -84,7 +84,8 @@ def gan_trainer(args, log):
     import torch
 
     torch.set_num_threads(args.threads)
-    recipe = shapes_gan.GanRecipe(adversarial_trains=args.gan_adversarial_trains)
+    recipe = shapes_gan.GanRecipe(adversarial_trains=args.gan_adversarial_trains,
+                                  mapping_anchor_weight=args.gan_mapping_anchor)
     return shapes_gan.ShapesGanTrainer(args.workdir, recipe, seed=args.seed, log=log)
 
 
@@ -253,6 +254,8 @@ def main(argv=None) -> None:
     parser.add_argument("--gan-adversarial-trains", choices=shapes_gan.ADVERSARIAL_TRAINS, default="discriminator",
                         help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping "
                              "frozen; discriminator: G frozen)")
+    parser.add_argument("--gan-mapping-anchor", type=float, default=0.0,
+                        help="weight of the mapping regression anchor when the adversarial stage trains mapping")
     # 4,100 steps, the cosine schedule ending there (the first pack's constant-rate run, continued to 12,000
     # steps, fit image features closer and lowered generate's colour accuracy 0.93 -> 0.83)
     parser.add_argument("--mapper-steps", type=int, default=4100)

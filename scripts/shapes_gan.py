@@ -80,6 +80,10 @@ class GanRecipe:
     # L1 decoder anchor in the adversarial stage: at 1.0 the anchor loss drifted 0.10 -> 0.13 in 1.8k
     # steps; at 10 it holds at 0.10 while D still sharpens (decoded clean samples 0.91 -> 0.96)
     anchor_weight: float = 10.0
+    # The anchor of a mapping-only adversarial stage: the mapping stage's regression onto E(attrs(z)),
+    # so D can sharpen the blends between attribute codes but not drop combinations (the unanchored
+    # mapping-only run: combinations covered 24 -> 20, D won). 0 = unanchored.
+    mapping_anchor_weight: float = 0.0
     # What the adversarial stage trains: "all" (mapping + synthesis + E, with the anchor), "mapping"
     # (synthesis frozen: the pack's CLIP mapper, trained against this synthesis network, stays valid) or
     # "synthesis" (+ E, with the anchor; the mapping network's uniform attribute code stays as trained,
@@ -273,12 +277,14 @@ class ShapesGanTrainer:
                 loss = loss + edge_weight * (decoded.diff(dim=dim) - target.diff(dim=dim)).abs().mean()
         return loss
 
-    def mapping_step(self) -> float:
-        z = torch.randn(256, self.recipe.z_dim, generator=self.rng)
+    def mapping_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """MSE between the mapping network's w and E(attrs(z)), the attribute code's target."""
         with torch.no_grad():
             target = self.E(attributes_from_z(z))
-        w = self.G.mapping(z)[:, 0]
-        loss = F.mse_loss(w, target)
+        return F.mse_loss(self.G.mapping(z)[:, 0], target)
+
+    def mapping_step(self) -> float:
+        loss = self.mapping_loss(torch.randn(256, self.recipe.z_dim, generator=self.rng))
         self.opt_mapping.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_mapping.step()
@@ -302,11 +308,13 @@ class ShapesGanTrainer:
         z = torch.randn(n, r.z_dim, generator=self.rng)
         fake = self.G(z, noise_mode="random")
         g_loss = F.softplus(-self.D(self.augment(fake))).mean()
-        anchor = torch.zeros(())
-        if r.anchor_weight > 0 and not mapping_only:
-            anchor = self.decoder_loss(random_codes(n // 2, self.rng))
+        anchor, anchor_weight = torch.zeros(()), 0.0
+        if mapping_only and r.mapping_anchor_weight > 0:
+            anchor, anchor_weight = self.mapping_loss(torch.randn(256, r.z_dim, generator=self.rng)), r.mapping_anchor_weight
+        elif r.anchor_weight > 0 and not mapping_only:
+            anchor, anchor_weight = self.decoder_loss(random_codes(n // 2, self.rng)), r.anchor_weight
         self.opt_g.zero_grad(set_to_none=True)
-        (g_loss + r.anchor_weight * anchor).backward()
+        (g_loss + anchor_weight * anchor).backward()
         self.opt_g.step()
         self.D.requires_grad_(True)
         losses = self.discriminator_step(step, fake.detach())
@@ -472,11 +480,14 @@ def main(argv=None) -> None:
     parser.add_argument("--adversarial-trains", choices=ADVERSARIAL_TRAINS, default="synthesis",
                         help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping "
                              "frozen; discriminator: G frozen)")
+    parser.add_argument("--mapping-anchor", type=float, default=0.0,
+                        help="weight of the mapping regression anchor in a mapping-only adversarial stage")
     parser.add_argument("--export", type=Path, default=None, help="write generator/discriminator here at the end")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    trainer = ShapesGanTrainer(args.workdir, GanRecipe(adversarial_trains=args.adversarial_trains), seed=args.seed)
+    recipe = GanRecipe(adversarial_trains=args.adversarial_trains, mapping_anchor_weight=args.mapping_anchor)
+    trainer = ShapesGanTrainer(args.workdir, recipe, seed=args.seed)
     for stage, steps in zip(STAGES, (args.decoder_steps, args.mapping_steps, args.adversarial_steps)):
         trainer.run_stage(stage, steps, eval_every=args.eval_every)
     if args.export is not None:

@@ -163,6 +163,22 @@ def test_adversarial_stage_trains_only_what_the_recipe_names(tmp_path, trains, f
     assert not all(torch.equal(v, parameters(trained)[k]) for k, v in before[trained].items())
 
 
+def test_a_mapping_anchor_pulls_the_mapping_toward_the_attribute_code(tmp_path):
+    def run(weight):
+        recipe = shapes_gan.GanRecipe(batch=4, g_channels={4: 8, 8: 8, 16: 8, 32: 8}, g_lr=0.003,
+                                      d_channels={4: 8, 8: 8, 16: 8, 32: 8}, r1_interval=2,
+                                      adversarial_trains="mapping", mapping_anchor_weight=weight)
+        trainer = shapes_gan.ShapesGanTrainer(tmp_path / str(weight), recipe, log=lambda m: None)
+        z = torch.randn(512, recipe.z_dim, generator=torch.Generator().manual_seed(5))
+        before = trainer.mapping_loss(z).item()
+        logged = [trainer.adversarial_step(step)["anchor"] for step in range(10)]
+        return before, trainer.mapping_loss(z).item(), logged
+
+    before, after, logged = run(1000.0)
+    assert after < 0.9 * before and all(value > 0 for value in logged)
+    assert run(0.0)[2] == [0.0] * 10  # unanchored: nothing logged, the old behaviour
+
+
 def test_shipped_pack_is_complete_and_small():
     assert shapes.missing_weight_files() == []
     total = sum((shapes.PACK_DIR / name).stat().st_size for name in shapes.WEIGHT_FILES)
