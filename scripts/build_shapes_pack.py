@@ -8,6 +8,9 @@ Stages (each resumable; finished stages are skipped on the next run):
   5. mapper    `clip2gan train --pack shapes --data <work>/dataset` (the user code path, on
                16,384 rendered domain images; `--mapper-data synthetic` uses G(z) samples instead),
                then CLIP's text feature shift, and mapper.safetensors into the pack directory
+  6. sharpen   G's mapping network against D, from the pack's generator/discriminator files, with
+               the synthesis network frozen (so the mapper of stage 5 stays valid) and a trust-region
+               anchor; rewrites generator.safetensors and discriminator.safetensors
 Budgets are steps, and every step's random draws are seeded from (seed, step): the same seed, thread
 count and torch build give the same pack on any machine, however loaded, however often interrupted.
 Each stage's wall time is added to `build_times.json` beside the weights (and to the work
@@ -41,7 +44,7 @@ from clip2gan_cli.mapper import load_mapper, save_mapper  # noqa: E402
 from clip2gan_cli.pipeline import parse_layers  # noqa: E402
 import shapes_gan  # noqa: E402
 
-STAGES = ("clip", "checker", "gan", "export", "mapper")
+STAGES = ("clip", "checker", "gan", "export", "mapper", "sharpen")
 
 
 class BuildState:
@@ -84,8 +87,7 @@ def gan_trainer(args, log):
     import torch
 
     torch.set_num_threads(args.threads)
-    recipe = shapes_gan.GanRecipe(adversarial_trains=args.gan_adversarial_trains,
-                                  mapping_anchor_weight=args.gan_mapping_anchor)
+    recipe = shapes_gan.GanRecipe(adversarial_trains=args.gan_adversarial_trains)
     return shapes_gan.ShapesGanTrainer(args.workdir, recipe, seed=args.seed, log=log)
 
 
@@ -109,6 +111,31 @@ def stage_export(args, log) -> dict:
     for path in written:
         os.chmod(path, 0o644)  # package data: readable by every user (atomic temp files are 0600)
     return {"files": [str(p) for p in written]}
+
+
+def stage_sharpen(args, log) -> dict:
+    """G's mapping network trained against D (synthesis frozen, anchored to where it started), from the
+    pack's generator and discriminator files; the EMA generator and D are written back to the pack.
+
+    Only G(z) changes: the text and edit paths use the synthesis network, which stays bit for bit.
+    """
+    import torch
+
+    torch.set_num_threads(args.threads)
+    folder = args.workdir / "sharpen"
+    folder.mkdir(parents=True, exist_ok=True)
+    if (args.workdir / "checker.pt").exists() and not (folder / "checker.pt").exists():
+        shutil.copyfile(args.workdir / "checker.pt", folder / "checker.pt")  # its evaluations use the checker
+    recipe = shapes_gan.GanRecipe(adversarial_trains="mapping", mapping_anchor_weight=args.gan_sharpen_anchor)
+    trainer = shapes_gan.ShapesGanTrainer(folder, recipe, seed=args.seed, log=log)
+    if not trainer.path.exists():  # a fresh stage: start from what the earlier stages wrote
+        trainer.load_pack_files(args.pack_dir)
+        trainer.evaluate("sharpen_start")  # the G(z) quality this stage starts from, in gan_log.jsonl
+    trainer.run_stage("adversarial", args.gan_sharpen_steps, eval_every=250)
+    written = list(trainer.export(args.pack_dir))
+    for path in written:
+        os.chmod(path, 0o644)
+    return {"files": [str(p) for p in written], "progress": trainer.progress}
 
 
 def write_dataset(folder: Path, n: int, seed: int, log) -> Path:
@@ -233,7 +260,7 @@ def paired_clip_features(clip_config: Path, n: int, seed: int):
 
 
 RUNNERS = {"clip": stage_clip, "checker": stage_checker, "gan": stage_gan, "export": stage_export,
-           "mapper": stage_mapper}
+           "mapper": stage_mapper, "sharpen": stage_sharpen}
 
 
 def main(argv=None) -> None:
@@ -254,8 +281,9 @@ def main(argv=None) -> None:
     parser.add_argument("--gan-adversarial-trains", choices=shapes_gan.ADVERSARIAL_TRAINS, default="discriminator",
                         help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping "
                              "frozen; discriminator: G frozen)")
-    parser.add_argument("--gan-mapping-anchor", type=float, default=0.0,
-                        help="weight of the mapping regression anchor when the adversarial stage trains mapping")
+    parser.add_argument("--gan-sharpen-steps", type=int, default=1000)
+    parser.add_argument("--gan-sharpen-anchor", type=float, default=10.0,
+                        help="weight of the sharpen stage's anchor (MSE to the mapping network it started from)")
     # 4,100 steps, the cosine schedule ending there (the first pack's constant-rate run, continued to 12,000
     # steps, fit image features closer and lowered generate's colour accuracy 0.93 -> 0.83)
     parser.add_argument("--mapper-steps", type=int, default=4100)

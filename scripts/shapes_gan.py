@@ -80,9 +80,10 @@ class GanRecipe:
     # L1 decoder anchor in the adversarial stage: at 1.0 the anchor loss drifted 0.10 -> 0.13 in 1.8k
     # steps; at 10 it holds at 0.10 while D still sharpens (decoded clean samples 0.91 -> 0.96)
     anchor_weight: float = 10.0
-    # The anchor of a mapping-only adversarial stage: the mapping stage's regression onto E(attrs(z)),
-    # so D can sharpen the blends between attribute codes but not drop combinations (the unanchored
-    # mapping-only run: combinations covered 24 -> 20, D won). 0 = unanchored.
+    # The anchor of a mapping-only adversarial stage: MSE between the mapping network's w and that of a
+    # frozen copy taken when the stage began (a trust region), so D can sharpen the blends between
+    # attribute codes but not drag the code away (the unanchored mapping-only run: combinations covered
+    # 24 -> 20, D won). 0 = unanchored. Needs no attribute encoder: works from a pack's files alone.
     mapping_anchor_weight: float = 0.0
     # What the adversarial stage trains: "all" (mapping + synthesis + E, with the anchor), "mapping"
     # (synthesis frozen: the pack's CLIP mapper, trained against this synthesis network, stays valid) or
@@ -219,6 +220,7 @@ class ShapesGanTrainer:
         self.rng = torch.Generator().manual_seed(seed + 1)  # reseeded at every step (seed_step)
         self.fixed_z = torch.randn(64, recipe.z_dim, generator=torch.Generator().manual_seed(1234))
         self.checker = None
+        self.mapping_start = None  # the mapping network when the adversarial stage began (mapping_drift)
         self.path = workdir / "gan_ckpt.pt"
         if self.path.exists():
             self._load()
@@ -234,12 +236,26 @@ class ShapesGanTrainer:
                     self.log(f"adversarial stage now trains '{self.recipe.adversarial_trains}': fresh generator optimiser")
                 continue
             getattr(self, name).load_state_dict(ckpt[name])
+        if ckpt.get("mapping_start") is not None:
+            self.mapping_start = copy.deepcopy(self.G.mapping).requires_grad_(False)
+            self.mapping_start.load_state_dict(ckpt["mapping_start"])
         self.progress = json.loads(ckpt["progress"])
         self.log(f"resumed: {json.dumps(self.progress)}")
+
+    def load_pack_files(self, pack_dir: Path) -> None:
+        """Start from a pack's generator.safetensors and discriminator.safetensors (G, G_ema and D)."""
+        from clip2gan_cli.stylegan2.convert import load_discriminator, load_generator
+
+        generator = load_generator(pack_dir / "generator.safetensors", device="cpu", backend="reference")
+        self.G.load_state_dict(generator.state_dict())
+        self.G_ema.load_state_dict(generator.state_dict())
+        self.D.load_state_dict(load_discriminator(pack_dir / "discriminator.safetensors", device="cpu",
+                                                  backend="reference").state_dict())
 
     def save(self) -> None:
         state = {name: getattr(self, name).state_dict() if getattr(self, name) is not None else None
                  for name in ("G", "D", "E", "G_ema", "opt_decoder", "opt_mapping", "opt_g", "opt_d")}
+        state["mapping_start"] = self.mapping_start.state_dict() if self.mapping_start is not None else None
         state["progress"] = json.dumps(self.progress)
         state["recipe"] = json.dumps(asdict(self.recipe))
         with atomic_path(self.path) as tmp:
@@ -283,6 +299,14 @@ class ShapesGanTrainer:
             target = self.E(attributes_from_z(z))
         return F.mse_loss(self.G.mapping(z)[:, 0], target)
 
+    def mapping_drift(self, z: torch.Tensor) -> torch.Tensor:
+        """MSE between the mapping network's w and that of its copy from the adversarial stage's start."""
+        if self.mapping_start is None:
+            self.mapping_start = copy.deepcopy(self.G.mapping).requires_grad_(False)
+        with torch.no_grad():
+            target = self.mapping_start(z)[:, 0]
+        return F.mse_loss(self.G.mapping(z)[:, 0], target)
+
     def mapping_step(self) -> float:
         loss = self.mapping_loss(torch.randn(256, self.recipe.z_dim, generator=self.rng))
         self.opt_mapping.zero_grad(set_to_none=True)
@@ -310,7 +334,7 @@ class ShapesGanTrainer:
         g_loss = F.softplus(-self.D(self.augment(fake))).mean()
         anchor, anchor_weight = torch.zeros(()), 0.0
         if mapping_only and r.mapping_anchor_weight > 0:
-            anchor, anchor_weight = self.mapping_loss(torch.randn(256, r.z_dim, generator=self.rng)), r.mapping_anchor_weight
+            anchor, anchor_weight = self.mapping_drift(torch.randn(256, r.z_dim, generator=self.rng)), r.mapping_anchor_weight
         elif r.anchor_weight > 0 and not mapping_only:
             anchor, anchor_weight = self.decoder_loss(random_codes(n // 2, self.rng)), r.anchor_weight
         self.opt_g.zero_grad(set_to_none=True)

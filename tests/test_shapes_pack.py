@@ -2,6 +2,7 @@
 and the shipped weights generate the requested colour and shape offline on the CPU."""
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from pathlib import Path
@@ -163,20 +164,44 @@ def test_adversarial_stage_trains_only_what_the_recipe_names(tmp_path, trains, f
     assert not all(torch.equal(v, parameters(trained)[k]) for k, v in before[trained].items())
 
 
-def test_a_mapping_anchor_pulls_the_mapping_toward_the_attribute_code(tmp_path):
-    def run(weight):
+def test_a_mapping_anchor_keeps_the_mapping_near_where_the_stage_began_and_resumes_exactly(tmp_path):
+    def trainer_for(folder, weight):
         recipe = shapes_gan.GanRecipe(batch=4, g_channels={4: 8, 8: 8, 16: 8, 32: 8}, g_lr=0.003,
                                       d_channels={4: 8, 8: 8, 16: 8, 32: 8}, r1_interval=2,
                                       adversarial_trains="mapping", mapping_anchor_weight=weight)
-        trainer = shapes_gan.ShapesGanTrainer(tmp_path / str(weight), recipe, log=lambda m: None)
-        z = torch.randn(512, recipe.z_dim, generator=torch.Generator().manual_seed(5))
-        before = trainer.mapping_loss(z).item()
-        logged = [trainer.adversarial_step(step)["anchor"] for step in range(10)]
-        return before, trainer.mapping_loss(z).item(), logged
+        return shapes_gan.ShapesGanTrainer(tmp_path / folder, recipe, log=lambda m: None)
 
-    before, after, logged = run(1000.0)
-    assert after < 0.9 * before and all(value > 0 for value in logged)
-    assert run(0.0)[2] == [0.0] * 10  # unanchored: nothing logged, the old behaviour
+    z = torch.randn(512, 32, generator=torch.Generator().manual_seed(5))
+    drift, logged = {}, {}
+    for weight in (0.0, 1000.0):
+        trainer = trainer_for(str(weight), weight)
+        start = copy.deepcopy(trainer.G.mapping)
+        trainer.run_stage("adversarial", 10, eval_every=10 ** 6)
+        with torch.no_grad():
+            drift[weight] = torch.nn.functional.mse_loss(trainer.G.mapping(z), start(z)).item()
+        logged[weight] = trainer.adversarial_step(10)["anchor"]
+    assert drift[1000.0] < 0.5 * drift[0.0]
+    assert logged[1000.0] > 0 and logged[0.0] == 0.0
+    # the frozen start copy is in the checkpoint: 6 steps + resume to 10 equals 10 straight
+    halfway = trainer_for("resumed", 1000.0)
+    halfway.run_stage("adversarial", 6, eval_every=10 ** 6)
+    resumed = trainer_for("resumed", 1000.0)
+    resumed.run_stage("adversarial", 10, eval_every=10 ** 6)
+    straight = trainer_for("straight", 1000.0)
+    straight.run_stage("adversarial", 10, eval_every=10 ** 6)
+    for name, tensor in straight.G.state_dict().items():
+        assert torch.equal(tensor, resumed.G.state_dict()[name]), name
+
+
+def test_a_trainer_starts_from_a_packs_generator_and_discriminator_files(tmp_path):
+    recipe = shapes_gan.GanRecipe(batch=4, g_channels={4: 8, 8: 8, 16: 8, 32: 8},
+                                  d_channels={4: 8, 8: 8, 16: 8, 32: 8})
+    source = shapes_gan.ShapesGanTrainer(tmp_path / "a", recipe, seed=1, log=lambda m: None)
+    source.export(tmp_path / "pack")
+    target = shapes_gan.ShapesGanTrainer(tmp_path / "b", recipe, seed=2, log=lambda m: None)
+    target.load_pack_files(tmp_path / "pack")
+    for mine, theirs in ((target.G, source.G_ema), (target.G_ema, source.G_ema), (target.D, source.D)):
+        assert all(torch.equal(tensor, theirs.state_dict()[name]) for name, tensor in mine.state_dict().items())
 
 
 def test_shipped_pack_is_complete_and_small():
