@@ -241,6 +241,10 @@ def generate_command(
     grid: bool = typer.Option(True, "--grid/--no-grid", help="Also write one grid image per prompt."),
     image_format: str = typer.Option("png", "--format", help="png | jpg."),
     save_latents: bool = typer.Option(False, "--save-latents", help="Write the W+ codes (safetensors) too."),
+    prior: Optional[str] = typer.Option(
+        None, "--prior", metavar="text|retrieval",
+        help="text: map the prompt's CLIP feature (the paper); retrieval: map a real image's feature from the "
+             "mapper's bank, drawn by CLIP similarity to the prompt (default: the mapper's, else text)."),
     json_out: bool = json_option(),
     device: str = device_option(),
     backend: str = backend_option(),
@@ -249,6 +253,7 @@ def generate_command(
     from . import imageio, pipeline
     from .device import resolve_device
     from .errors import UserInputError
+    from .mapper import GENERATION_PRIORS
     from .packs import output_metadata, select_models
 
     texts = pipeline.validate_prompts(imageio.read_prompt_args(prompts))
@@ -256,17 +261,20 @@ def generate_command(
         raise UserInputError(f"-n and --batch-size must be at least 1, got {min(n, batch_size)}")
     if image_format.lower() not in imageio.IMAGE_FORMATS:
         raise UserInputError(f"unknown --format '{image_format}'", hint="use png or jpg")
+    if prior is not None and prior not in GENERATION_PRIORS:
+        raise UserInputError(f"unknown --prior '{prior}'", hint=f"expected {' or '.join(GENERATION_PRIORS)}")
     imageio.check_output_dir(out)
     # text only: generate never encodes images, and a text-only CLIP skips importing open_clip
     models = select_models(pack, mapper, generator, clip, resolve_device(device), backend, text_only=True)
     bar, advance = _progress("Generating", len(texts) * n)
     with bar:
         result = pipeline.generate(models.generator, models.clip, models.mapper, texts, n=n, seed=seed,
-                                   truncation_psi=truncation, batch_size=batch_size, progress=advance)
+                                   truncation_psi=truncation, batch_size=batch_size, prior=prior, progress=advance)
     records = imageio.write_generate_outputs(
         out, result.images, result.w_plus, texts, result.prompt_index, result.sample_index, seed,
         fmt=image_format, grid=grid, save_latents=save_latents,
-        metadata=output_metadata(models, truncation=truncation))
+        metadata=output_metadata(models, truncation=truncation,
+                                 prior=prior or models.mapper.config.generation_prior))
     _emit(records, json_out)
 
 

@@ -40,7 +40,14 @@ FORMAT_METADATA_KEY = "clip2gan.format"
 FORMAT_NAME = "clip2gan-mapper-v1"
 NOISE_MODES = ("multiplicative", "additive", "none")
 EDIT_DIRECTIONS = ("text", "image")  # see pipeline.edit_directions
+GENERATION_PRIORS = ("text", "retrieval")  # see pipeline.generate
 NEUTRAL_AUTO = "auto"  # edit's neutral text inferred from the image over contrast sets (pipeline.infer_neutrals)
+
+
+def check_generation_prior(prior: str) -> None:
+    """UserInputError unless `prior` is one of GENERATION_PRIORS."""
+    if prior not in GENERATION_PRIORS:
+        raise UserInputError(f"unknown generation prior '{prior}'", hint=f"expected {' or '.join(GENERATION_PRIORS)}")
 
 
 def check_contrast_sets(contrast_sets) -> list[list[str]]:
@@ -79,6 +86,10 @@ class MapperConfig:
     # generate's noise strength; None = the training strength. A pack may set it lower: training with
     # strong noise makes the mapper robust to the text/image feature gap, sampling with it blurs attributes
     generation_noise_strength: float | None = None
+    # generate's input feature: "text" (the paper: the text feature) or "retrieval" (an image feature from the
+    # mapper's bank, drawn with probability softmax(cos(text, image) / retrieval_temperature)); not in the paper
+    generation_prior: str = "text"
+    retrieval_temperature: float = 0.01
     # edit's defaults for this mapper (the CLI's --direction/--layers/--beta override them). The paper's
     # form is "text" on every W+ row with beta 2; a pack stores what it measured to work best.
     edit_direction: str = "text"
@@ -99,6 +110,9 @@ class MapperConfig:
             raise UserInputError(f"noise strength must be >= 0, got {self.noise_strength}")
         if self.generation_noise_strength is not None and not self.generation_noise_strength >= 0:
             raise UserInputError(f"generation noise strength must be >= 0, got {self.generation_noise_strength}")
+        check_generation_prior(self.generation_prior)
+        if not (math.isfinite(self.retrieval_temperature) and self.retrieval_temperature > 0):
+            raise UserInputError(f"retrieval temperature must be a positive number, got {self.retrieval_temperature}")
         check_edit_direction(self.edit_direction)
         if self.edit_layers is not None:
             if len(self.edit_layers) != 2 or not all(v is None or isinstance(v, int) for v in self.edit_layers):
@@ -152,6 +166,8 @@ class Mapper(nn.Module):
         # CLIP's modality gap for this mapper: mean image feature - mean text feature of captioned
         # images (zeros: none known, the paper's behaviour); see `text_to_image_features`
         self.register_buffer("text_feature_shift", torch.zeros(config.clip_dim))
+        # unit CLIP image features of the mapper's domain for the retrieval prior ([0, D]: none)
+        self.register_buffer("image_feature_bank", torch.zeros(0, config.clip_dim))
         self.reset_parameters()
 
     # The paper's symbols, as on the generator.
@@ -206,9 +222,23 @@ class Mapper(nn.Module):
         shifted = text_features + self.text_feature_shift.to(device=text_features.device, dtype=text_features.dtype)
         return F.normalize(shifted, dim=-1)
 
+    @torch.no_grad()
+    def set_image_feature_bank(self, image_features: torch.Tensor) -> None:
+        """Store CLIP image features [K, clip_dim] of the domain (unit length) for the retrieval prior."""
+        if image_features.ndim != 2 or image_features.shape[1] != self.config.clip_dim or len(image_features) < 1:
+            raise UserInputError(f"an image feature bank must be [K >= 1, {self.config.clip_dim}], "
+                                 f"got {tuple(image_features.shape)}")
+        if not bool(torch.isfinite(image_features).all()):
+            raise UserInputError("an image feature bank must be finite")
+        self.image_feature_bank = F.normalize(image_features.detach().float(), dim=-1).to(self.w_offset)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Files and checkpoints written before the shift existed: no shift (the paper's behaviour).
         state_dict.setdefault(prefix + "text_feature_shift", torch.zeros_like(self.text_feature_shift))
+        # ... and before the bank existed: an empty one. Its row count is the file's.
+        bank = state_dict.setdefault(prefix + "image_feature_bank", torch.zeros(0, self.config.clip_dim))
+        if bank.ndim == 2 and bank.shape[1] == self.config.clip_dim:
+            self.image_feature_bank = torch.zeros_like(bank, dtype=self.w_offset.dtype, device=self.w_offset.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, clip_features: torch.Tensor) -> torch.Tensor:

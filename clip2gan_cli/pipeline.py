@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserInputError
-from .mapper import NEUTRAL_AUTO, check_contrast_sets, check_edit_direction, perturb_clip_features
+from .mapper import (NEUTRAL_AUTO, check_contrast_sets, check_edit_direction, check_generation_prior,
+                     perturb_clip_features)
 
 MAX_NEUTRAL_CANDIDATES = 4096  # texts scored by infer_neutrals for one edit text (product of its sets' sizes)
 
@@ -105,30 +106,41 @@ def invert(clip, mapper, images: torch.Tensor) -> torch.Tensor:
 
 def generate(generator, clip, mapper, texts: Sequence[str], n: int = 8, seed: int = 0,
              truncation_psi: float = 1.0, batch_size: int = 8, noise_mode: str = "const",
-             feature_noise: tuple[str, float] | None = None,
+             feature_noise: tuple[str, float] | None = None, prior: str | None = None,
              progress: Callable[[int], None] | None = None) -> GenerateResult:
-    """n images for each prompt: CLIP text feature -> modality-gap shift -> feature noise -> mapper
-    -> truncation -> generator.
+    """n images for each prompt: CLIP text feature -> modality-gap shift -> [retrieval prior] -> feature
+    noise -> mapper -> truncation -> generator.
 
     The shift is the mapper's stored one (`Mapper.text_to_image_features`; none for a mapper without).
+
+    prior (default: `mapper.config.generation_prior`): "text" maps the (shifted) text feature itself, as
+    in the paper; "retrieval" maps, for sample i, an image feature from the mapper's bank drawn with
+    probability softmax(cos(text, image) / T) (`retrieve_image_features`): a real image's feature that
+    CLIP finds close to the prompt, so what the prompt leaves open (a background, a position) varies as in
+    the data instead of being averaged.
 
     The feature noise is the kind the mapper was trained with (`mapper.config.noise_mode`, at
     `mapper.config.sampling_noise_strength`: the training strength unless the mapper file sets a
     generation strength; override with `feature_noise=(mode, strength)`), so one prompt gives n
-    distinct images. The noise
-    of sample i is row i of a CPU draw seeded with `seed` (`sample_noise`) and is shared by all
-    prompts: the same arguments give the same bytes, and `-n 4` gives the first four images of
-    `-n 8` (up to float rounding of the batched matrix products).
+    distinct images. The noise (and the retrieval draw) of sample i is row i of a CPU draw seeded
+    with `seed` (`sample_noise`) and is shared by all prompts: the same arguments give the same bytes,
+    and `-n 4` gives the first four images of `-n 8` (up to float rounding of the batched matrix
+    products).
     """
     texts = validate_prompts(texts)
     if n < 1 or batch_size < 1:
         raise UserInputError(f"-n and the batch size must be at least 1, got {n} and {batch_size}")
+    prior = prior or mapper.config.generation_prior
+    check_generation_prior(prior)
     mode, strength = feature_noise or (mapper.config.noise_mode, mapper.config.sampling_noise_strength)
     with torch.no_grad():
         text_features = mapper.text_to_image_features(clip.encode_text(texts).to(mapper.w_offset.device))  # [P, D]
+        if prior == "retrieval":
+            base = retrieve_image_features(mapper, text_features, n, seed)                    # [P*n, D]
+        else:
+            base = text_features.repeat_interleave(n, dim=0)                                    # [P*n, D]
         noise_rows = sample_noise(n, text_features.shape[1], seed).to(text_features.device)   # [n, D]
-        features = torch.cat([perturb_clip_features(text_features[p:p + 1].expand(n, -1), mode, strength,
-                                                    noise=noise_rows)
+        features = torch.cat([perturb_clip_features(base[p * n:(p + 1) * n], mode, strength, noise=noise_rows)
                               for p in range(len(texts))])                                    # [P*n, D]
         w_plus = torch.cat([mapper(features[start:start + batch_size])
                             for start in range(0, features.shape[0], batch_size)]).float()
@@ -137,6 +149,27 @@ def generate(generator, clip, mapper, texts: Sequence[str], n: int = 8, seed: in
     prompt_index = torch.arange(len(texts)).repeat_interleave(n)
     sample_index = torch.arange(n).repeat(len(texts))
     return GenerateResult(images=images, w_plus=w_plus, prompt_index=prompt_index, sample_index=sample_index)
+
+
+@torch.no_grad()
+def retrieve_image_features(mapper, text_features: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n image features from the mapper's bank for each text feature [P, D]: [P*n, D], prompt-major.
+
+    Sample i of a prompt is the bank row where uniform u_i falls in the cumulative distribution of
+    softmax(cos(text, bank) / mapper.config.retrieval_temperature). u_i depends only on (seed, i), as
+    the feature noise does, and is shared by all prompts.
+    """
+    bank = mapper.image_feature_bank
+    if bank.shape[0] == 0:
+        raise UserInputError("this mapper has no image feature bank for the retrieval prior",
+                             hint="use --prior text, or a mapper file that stores a bank")
+    source = torch.Generator().manual_seed((int(seed) * 1_000_003 + 17) % (1 << 63))  # apart from the noise's
+    uniforms = torch.stack([torch.rand((), generator=source) for _ in range(n)]).to(bank.device)  # [n]
+    scores = F.normalize(text_features.float(), dim=-1) @ bank.float().T                     # [P, K]
+    cumulative = torch.softmax(scores / mapper.config.retrieval_temperature, dim=1).cumsum(dim=1)
+    cumulative = cumulative / cumulative[:, -1:]
+    rows = torch.searchsorted(cumulative, uniforms.expand(len(text_features), n).contiguous())
+    return bank[rows.clamp_max(bank.shape[0] - 1).reshape(-1)].to(text_features.dtype)
 
 
 def sample_noise(n: int, dim: int, seed: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import assert_one_line_error, written_files
-from tiny_models import make_tiny_generator, make_tiny_mapper, register_tiny_pack, tiny_pack  # noqa: F401
+from tiny_models import make_tiny_generator, make_tiny_mapper, make_tiny_pack, register_tiny_pack, tiny_pack  # noqa: F401
 
 
 def _generate(cli_runner, tiny_pack, out, *args, **kwargs):
@@ -92,11 +92,39 @@ def test_registered_local_pack_by_name(cli_runner, tiny_pack, tmp_path):
     assert read_png_metadata(json.loads(result.stdout)["path"])["pack"] == "tiny"
 
 
+def test_a_mappers_retrieval_prior_is_the_default_and_prior_text_overrides_it(cli_runner, tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from clip2gan_cli.imageio import read_png_metadata
+    from clip2gan_cli.mapper import load_mapper, save_mapper
+
+    pack = make_tiny_pack(tmp_path / "pack")
+    mapper = load_mapper(pack.mapper)
+    mapper.config = dataclasses.replace(mapper.config, generation_prior="retrieval")
+    mapper.set_image_feature_bank(torch.randn(8, mapper.clip_dim, generator=torch.Generator().manual_seed(0)))
+    save_mapper(mapper, pack.mapper)
+
+    def run(out, *args):
+        result = cli_runner(["generate", "a red circle", "-n", "2", "--no-grid", *args, *pack.cli_args(),
+                             "--out", tmp_path / out, "--json"])
+        assert result.exit_code == 0, result.stderr
+        path = json.loads(result.stdout.splitlines()[0])["path"]
+        return read_png_metadata(path)["prior"], np.asarray(Image.open(path))
+
+    (default_prior, default_pixels), (text_prior, text_pixels) = run("default"), run("text", "--prior", "text")
+    assert (default_prior, text_prior) == ("retrieval", "text")
+    assert not np.array_equal(default_pixels, text_pixels)
+
+
 # --- bad input: one line, exit 1, nothing written ---
 @pytest.mark.parametrize("args, fragments", [
     (["", "-n", "1"], ["empty prompt"]),
     (["a red circle", "-n", "0"], ["-n and --batch-size must be at least 1"]),
     (["a red circle", "--format", "gif"], ["unknown --format 'gif'"]),
+    (["a red circle", "--prior", "nearest"], ["unknown --prior 'nearest'", "text or retrieval"]),
+    (["a red circle", "--prior", "retrieval"], ["no image feature bank", "--prior text"]),
 ])
 def test_bad_arguments(cli_runner, tiny_pack, tmp_path, args, fragments):
     result = _generate(cli_runner, tiny_pack, tmp_path / "out", *args)
@@ -112,8 +140,6 @@ def test_output_directory_not_writable(cli_runner, tiny_pack, tmp_path):
 
 
 def test_pack_without_a_mapper_says_how_to_train_one(cli_runner, tmp_path):
-    from tiny_models import make_tiny_pack
-
     register_tiny_pack(make_tiny_pack(tmp_path / "pack", with_mapper=False), "untrained")
     result = cli_runner(["generate", "a red circle", "--pack", "untrained", "--out", tmp_path / "out"])
     assert_one_line_error(result, "no trained mapper",

@@ -175,3 +175,28 @@ def test_perturbation_none_and_bad_inputs():
         perturb_clip_features(features, "additive", 0.6, noise=torch.zeros(1, 3))
     with pytest.raises(UserInputError, match="unknown noise mode"):
         MapperConfig(4, 2, 2, noise_mode="gaussian")
+
+
+def test_an_image_feature_bank_round_trips_and_older_files_load_without_one(tmp_path):
+    config = MapperConfig(clip_dim=4, num_ws=3, w_dim=2, hidden_dim=4, num_layers=2, generation_prior="retrieval",
+                          retrieval_temperature=0.05)
+    mapper = Mapper(config=config)
+    bank = torch.randn(5, 4)
+    mapper.set_image_feature_bank(bank)
+    loaded = load_mapper(save_mapper(mapper, tmp_path / "m.safetensors"))
+    torch.testing.assert_close(loaded.image_feature_bank, F.normalize(bank, dim=-1))
+    assert (loaded.config.generation_prior, loaded.config.retrieval_temperature) == ("retrieval", 0.05)
+    from safetensors.torch import load_file, save_file
+
+    older = {k: v for k, v in load_file(str(tmp_path / "m.safetensors")).items() if k != "image_feature_bank"}
+    save_file(older, str(tmp_path / "old.safetensors"), metadata=read_mapper_metadata(tmp_path / "m.safetensors"))
+    assert load_mapper(tmp_path / "old.safetensors").image_feature_bank.shape == (0, 4)
+    for bad in (torch.randn(5, 3), torch.randn(0, 4), torch.full((2, 4), float("nan"))):
+        with pytest.raises(UserInputError, match="image feature bank"):
+            mapper.set_image_feature_bank(bad)
+    base = {"clip_dim": 4, "num_ws": 2, "w_dim": 2}
+    for bad, message in (({"generation_prior": "nearest"}, "unknown generation prior"),
+                         ({"retrieval_temperature": 0.0}, "retrieval temperature"),
+                         ({"retrieval_temperature": float("inf")}, "retrieval temperature")):
+        with pytest.raises(UserInputError, match=message):
+            MapperConfig.from_dict({**base, **bad})

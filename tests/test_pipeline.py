@@ -99,6 +99,51 @@ def test_a_negative_generation_noise_strength_is_refused(tiny_models):
         dataclasses.replace(tiny_models.mapper.config, generation_noise_strength=-0.1)
 
 
+def _with_bank(models, bank, temperature):
+    import copy
+    import dataclasses
+
+    mapper = copy.deepcopy(models.mapper)
+    mapper.config = dataclasses.replace(mapper.config, generation_prior="retrieval", retrieval_temperature=temperature)
+    mapper.set_image_feature_bank(bank)
+    return models.generator, models.clip, mapper
+
+
+def test_the_retrieval_prior_maps_bank_features_close_to_the_prompt(tiny_models):
+    generator, clip, mapper = _with_bank(tiny_models, torch.randn(6, tiny_models.mapper.clip_dim), 1e-4)
+    text_feature = clip.encode_text(["a red circle"])
+    # make row 4 the prompt's own (unit) feature: at a tiny temperature every sample retrieves it
+    mapper.image_feature_bank[4] = torch.nn.functional.normalize(text_feature[0], dim=-1)
+    result = pipeline.generate(generator, clip, mapper, ["a red circle"], n=5, seed=0, feature_noise=("none", 0.0))
+    expected = mapper(mapper.image_feature_bank[4:5]).expand(5, -1, -1)
+    torch.testing.assert_close(result.w_plus, expected)
+    text_prior = pipeline.generate(generator, clip, mapper, ["a red circle"], n=1, prior="text",
+                                   feature_noise=("none", 0.0))
+    torch.testing.assert_close(text_prior.w_plus, mapper(text_feature))  # the paper's input, on request
+
+
+def test_retrieval_draws_follow_the_softmax_and_row_i_depends_only_on_seed_and_i(tiny_models):
+    generator, clip, mapper = _with_bank(tiny_models, torch.randn(3, tiny_models.mapper.clip_dim), 1e6)
+    text_features = clip.encode_text(["a red circle", "a blue square"])
+    drawn = pipeline.retrieve_image_features(mapper, text_features, 600, seed=3)            # [2 * 600, D]
+    rows = (drawn[:, None, :] - mapper.image_feature_bank[None]).abs().sum(-1).argmin(1)
+    counts = torch.bincount(rows[:600], minlength=3).float() / 600
+    assert counts.min() > 0.25  # a huge temperature: uniform over the 3 rows
+    assert torch.equal(rows[:600], rows[600:])  # the same uniforms for every prompt: same rows at T -> inf
+    fewer = pipeline.retrieve_image_features(mapper, text_features[:1], 7, seed=3)
+    torch.testing.assert_close(fewer, drawn[:7])
+    other = pipeline.retrieve_image_features(mapper, text_features[:1], 7, seed=4)
+    assert not torch.equal(fewer, other)
+
+
+def test_the_retrieval_prior_needs_a_bank(tiny_models):
+    models = tiny_models
+    with pytest.raises(UserInputError, match="no image feature bank"):
+        _generate(models, n=1, prior="retrieval")
+    with pytest.raises(UserInputError, match="unknown generation prior"):
+        _generate(models, n=1, prior="nearest")
+
+
 def test_truncation_zero_collapses_to_the_average_latent(tiny_models):
     result = _generate(tiny_models, n=3, seed=0, truncation_psi=0.0)
     w_avg = tiny_models.generator.w_avg

@@ -147,6 +147,7 @@ def _generated_set(config: EvalConfig, prompts: list[str], pack, space, warn: Ca
         "features_tensor": torch.cat(features),
         "n_prompts": len(prompts),
         "images_per_prompt": n,
+        "generation_prior": pack.mapper.config.generation_prior,  # what made the images (text or retrieval)
         "clip_score": clip_score.mean_clip_score(scores),
     }
     report.update(diversity.diversity(diversity_sample, device=pack.device, batch_size=config.batch_size,
@@ -162,7 +163,7 @@ def evaluate(config: EvalConfig, warn: Callable[[str], None] = _warn) -> dict:
     Keys: `fid` (FD_CLIP when `features` is "clip"), `features`, `feature_weights_sha256`, `n_real`, `n_fake`, `n_real_skipped`,
     `n_fake_skipped`, `real_stats_cached`, `seed`, `versions`, and where computed `kid_mean`, `kid_std`,
     `kid_subset_size`, `kid_subsets`, `clip_score`, `diversity_lpips` (or `diversity_l1` with
-    `diversity_note`), `n_prompts`, `images_per_prompt`.
+    `diversity_note`), `n_prompts`, `images_per_prompt`, `generation_prior`.
     """
     from ..device import disable_tf32, resolve_device, seed_everything
     from . import fid
