@@ -3,7 +3,8 @@
 The checker is a small CNN trained on `packs.shapes.data.sample()` (scripts/shapes_checker.py);
 it never sees the pack's CLIP or generator. Sections:
 
-  generate   every colour x shape prompt ("a red circle"), n images: colour / shape / joint accuracy
+  generate   every colour x shape prompt ("a red circle"), n images: colour / shape / joint accuracy,
+             with the mapper's generation prior and with the text prior (the paper), side by side
   diversity  mean pixel L1 between images of one prompt; distinct positions and sizes per prompt
   edit       real images of each colour edited toward every other colour, six text forms (the
              colour word; with --neutral "a <shape>"; with --neutral "<source colour>"; with --neutral
@@ -12,7 +13,7 @@ it never sees the pack's CLIP or generator. Sections:
              (--direction/--layers/--beta): target-colour success; shape, size, position kept; for
              auto, how often the inferred neutral names the source
   fd         Frechet distance in the pack's CLIP image space (metrics.fid, the eval-fid code):
-             real vs real (the floor), G(z) vs real, text-generated vs real
+             real vs real (the floor), G(z) vs real, text-generated vs real (both priors)
   noise      the two readings of the diversity noise (multiplicative / additive), side by side
   latency    median wall time of `clip2gan --help` and of a cold `clip2gan generate "a red circle" -n 8`
 
@@ -50,13 +51,13 @@ def prompts_grid() -> list[tuple[str, str, str]]:
     return [(f"a {color} {shape}", color, shape) for shape in data.SHAPES for color in data.COLORS]
 
 
-def section_generate(pack, checker, n: int, seed: int, feature_noise=None) -> dict:
+def section_generate(pack, checker, n: int, seed: int, feature_noise=None, prior=None) -> dict:
     """Checker accuracy of n generated images per colour x shape prompt, plus diversity measures."""
     from clip2gan_cli.pipeline import generate
 
     rows = prompts_grid()
     result = generate(pack.generator, pack.clip, pack.mapper, [p for p, _, _ in rows], n=n, seed=seed,
-                      feature_noise=feature_noise)
+                      feature_noise=feature_noise, prior=prior)
     images = result.images.float().clamp(-1, 1)
     predictions = checker.predict(images)
     per_prompt = {}
@@ -183,14 +184,17 @@ def section_fd(pack, n: int, seed: int) -> dict:
     combos = [f"a {z_} {c} {s} on a {b} background" for s in data.SHAPES for c in data.COLORS
               for z_ in data.SIZES for b in data.BACKGROUNDS]
     per_prompt = max(1, n // len(combos))
-    text_images = generate(pack.generator, pack.clip, pack.mapper, combos, n=per_prompt, seed=seed).images
     real_features = features(real_a)
-    return {
+    result = {
         "real_vs_real": frechet_distance(features(real_b), real_features),
         "G(z)_vs_real": frechet_distance(features(to_uint8(unconditional)), real_features),
-        "text_vs_real": frechet_distance(features(to_uint8(text_images)), real_features),
-        "n": n, "text_images": len(text_images),
     }
+    priors = dict.fromkeys([pack.mapper.config.generation_prior, "text"])  # the pack's first, then the paper's
+    for prior in priors:
+        text_images = generate(pack.generator, pack.clip, pack.mapper, combos, n=per_prompt, seed=seed,
+                               prior=prior).images
+        result[f"text_vs_real ({prior} prior)"] = frechet_distance(features(to_uint8(text_images)), real_features)
+    return {**result, "n": n, "text_images": len(text_images)}
 
 
 def section_latency(runs: int) -> dict:
@@ -225,7 +229,7 @@ def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
 
 def print_report(report: dict) -> None:
     gen = report["generate"]
-    print(f"\n== generate: checker joint accuracy per prompt (n={report['n']}) ==")
+    print(f"\n== generate ({gen['prior']} prior): checker joint accuracy per prompt (n={report['n']}) ==")
     print("shape \\ colour " + "".join(f"{c:>9}" for c in COLOR_NAMES))
     for shape in data.SHAPES:
         cells = "".join(f"{gen['per_prompt'][f'a {c} {shape}']['joint']:>9.2f}" for c in COLOR_NAMES)
@@ -235,6 +239,11 @@ def print_report(report: dict) -> None:
           f"(targets: colour >= 0.90, shape >= 0.80)")
     print(f"\n== diversity (same prompt) ==\npixel L1 {m['pixel_l1']:.3f}  distinct positions {m['distinct_positions']:.1f}"
           f"  sizes {m['distinct_sizes']:.2f}  backgrounds {m['distinct_backgrounds']:.2f}  (of n={report['n']})")
+    if "generate_text_prior" in report:
+        t = report["generate_text_prior"]["mean"]
+        print(f"\n== generate with the text prior (the paper: the prompt's feature itself) ==\n"
+              f"colour {t['color']:.3f}  shape {t['shape']:.3f}  joint {t['joint']:.3f}  pixel L1 {t['pixel_l1']:.3f}  "
+              f"distinct positions {t['distinct_positions']:.1f}  backgrounds {t['distinct_backgrounds']:.2f}")
     if "edit" in report:
         edit = report["edit"]
         rec = edit["reconstruction"]
@@ -251,7 +260,7 @@ def print_report(report: dict) -> None:
         print("\n== FD in the pack's CLIP space ==")
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report["fd"].items()))
     if "noise" in report:
-        print(f"\n== diversity-noise interpretations (mapper trained with {report['noise_trained_with']}) ==")
+        print(f"\n== diversity-noise interpretations, text prior (mapper trained with {report['noise_trained_with']}) ==")
         for mode, row in report["noise"].items():
             print(f"{mode:<15} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
     if "latency" in report:
@@ -294,7 +303,11 @@ def main(argv=None) -> None:
     generated = section_generate(pack, checker, args.n, args.seed)
     if args.grid is not None:
         save_grid(generated["images"], len(prompts_grid()), args.grid)
-    report["generate"] = {k: v for k, v in generated.items() if k != "images"}
+    report["generate"] = {"prior": pack.mapper.config.generation_prior,
+                          **{k: v for k, v in generated.items() if k != "images"}}
+    if pack.mapper.config.generation_prior != "text":
+        text_generated = section_generate(pack, checker, args.n, args.seed, prior="text")
+        report["generate_text_prior"] = {k: v for k, v in text_generated.items() if k != "images"}
     if "edit" not in args.skip:
         report["edit"] = section_edit(pack, checker, args.edit_per_source, args.edit_betas, args.seed)
     if "fd" not in args.skip:
@@ -305,7 +318,7 @@ def main(argv=None) -> None:
         report["noise_trained_with"] = {"mode": pack.mapper.config.noise_mode, "strength": strength}
         report["noise"] = {}
         for mode in ("multiplicative", "additive"):
-            mean = section_generate(pack, checker, args.n, args.seed, feature_noise=(mode, strength))["mean"]
+            mean = section_generate(pack, checker, args.n, args.seed, feature_noise=(mode, strength), prior="text")["mean"]
             report["noise"][mode] = {k: mean[k] for k in ("color", "shape", "joint", "pixel_l1", "distinct_positions")}
     if "latency" not in args.skip:
         report["latency"] = section_latency(args.latency_runs)

@@ -213,8 +213,16 @@ def stage_mapper(args, log) -> dict:
         mapper.set_text_feature_shift(image_features, text_features)
         log(f"text feature shift: norm {mapper.text_feature_shift.norm():.4f} "
             f"({args.mapper_text_shift_samples} captioned images)")
+        mapper.set_image_feature_bank(image_features)  # the same images: the retrieval prior's bank
     save_with_usage_defaults(mapper, args)
     return {"run_dir": str(run_dir)}
+
+
+def store_image_feature_bank(mapper, args) -> None:
+    """The retrieval prior's bank: CLIP image features of the images that measure the text shift."""
+    image_features, _ = paired_clip_features(args.pack_dir / "clip_config.json", args.mapper_text_shift_samples,
+                                             args.seed + 4096)
+    mapper.set_image_feature_bank(image_features)
 
 
 def save_with_usage_defaults(mapper, args) -> None:
@@ -225,6 +233,7 @@ def save_with_usage_defaults(mapper, args) -> None:
 
     mapper.config = dataclasses.replace(
         mapper.config, generation_noise_strength=args.mapper_generation_noise,
+        generation_prior=args.mapper_generation_prior, retrieval_temperature=args.mapper_retrieval_temperature,
         edit_direction=args.mapper_edit_direction, edit_layers=parse_layers(args.mapper_edit_layers),
         edit_beta=args.mapper_edit_beta, edit_neutral=None if args.mapper_edit_neutral == "none" else "auto",
         edit_contrast_sets=data.contrast_sets())
@@ -300,7 +309,12 @@ def main(argv=None) -> None:
     parser.add_argument("--mapper-lr-schedule", choices=["constant", "cosine"], default="cosine")
     parser.add_argument("--mapper-generation-noise", type=float, default=0.1)
     parser.add_argument("--mapper-text-shift-samples", type=int, default=4096,
-                        help="captioned images that measure the text feature shift (0 = no shift)")
+                        help="captioned images that measure the text feature shift and whose image features "
+                             "are the retrieval prior's bank (0 = neither)")
+    # retrieval: generate maps a real image's feature drawn by CLIP similarity to the prompt; the text feature
+    # itself (the paper) gives grey backgrounds when a prompt names none (a blend of black and white)
+    parser.add_argument("--mapper-generation-prior", choices=["text", "retrieval"], default="retrieval")
+    parser.add_argument("--mapper-retrieval-temperature", type=float, default=0.01)
     parser.add_argument("--mapper-hidden", type=int, default=256)
     parser.add_argument("--mapper-edit-direction", choices=["text", "image"], default="image")
     parser.add_argument("--mapper-edit-layers", default="4:", help="W+ rows edits move by default (START:STOP)")
@@ -309,14 +323,17 @@ def main(argv=None) -> None:
     # word alone adds a whole text feature, far from every image feature the mapper saw: 0.60 target colour)
     parser.add_argument("--mapper-edit-neutral", choices=["auto", "none"], default="auto")
     parser.add_argument("--restamp-mapper", action="store_true",
-                        help="only store the usage defaults above in the pack's existing mapper.safetensors "
-                             "(weights and text shift untouched) and exit")
+                        help="only store the usage defaults above and the image feature bank in the pack's "
+                             "existing mapper.safetensors (weights and text shift untouched) and exit")
     parser.add_argument("--only", choices=STAGES, action="append", help="run only these stages (repeatable)")
     parser.add_argument("--redo", choices=STAGES, action="append", default=[], help="run these even if done")
     args = parser.parse_args(argv)
     if args.restamp_mapper:
-        save_with_usage_defaults(load_mapper(args.pack_dir / "mapper.safetensors"), args)
-        print(f"stored the usage defaults in {args.pack_dir / 'mapper.safetensors'}")
+        mapper = load_mapper(args.pack_dir / "mapper.safetensors")
+        if args.mapper_text_shift_samples > 0:
+            store_image_feature_bank(mapper, args)
+        save_with_usage_defaults(mapper, args)
+        print(f"stored the usage defaults and the image feature bank in {args.pack_dir / 'mapper.safetensors'}")
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     state = BuildState(args.workdir / "build_state.json")
@@ -340,9 +357,13 @@ def main(argv=None) -> None:
             raise
         state.record(stage, time.time() - start, done=True, **{k: v for k, v in extra.items() if k != "progress"})
         log(f"[{index}/{len(STAGES)}] {stage}: finished in {(time.time() - start) / 60:.1f} min")
-    times = {"stage_seconds": state.times(), "total_seconds": round(sum(state.times().values()), 1),
+    times_path = args.pack_dir / "build_times.json"
+    # Stages run elsewhere (an earlier work directory, then `--only sharpen` here) keep their recorded times.
+    earlier = json.loads(times_path.read_text()) if times_path.exists() else {}
+    stage_seconds = {**earlier.get("stage_seconds", {}), **state.times()}
+    times = {**earlier, "stage_seconds": stage_seconds, "total_seconds": round(sum(stage_seconds.values()), 1),
              "seed": args.seed, "threads": args.threads}
-    with atomic_path(args.pack_dir / "build_times.json") as tmp:
+    with atomic_path(times_path) as tmp:
         Path(tmp).write_text(json.dumps(times, indent=2) + "\n")
     os.chmod(args.pack_dir / "build_times.json", 0o644)  # package data, like the weights
     log(f"pack in {args.pack_dir}: {json.dumps(times['stage_seconds'])}")

@@ -211,13 +211,16 @@ def test_shipped_pack_is_complete_and_small():
 
 
 @pytest.mark.slow
-def test_shipped_pack_generates_the_prompted_colour_offline_on_cpu(monkeypatch):
+@pytest.mark.parametrize("prior", [None, "text"], ids=["pack default (retrieval)", "text (the paper)"])
+def test_shipped_pack_generates_the_prompted_colour_offline_on_cpu(monkeypatch, prior):
     from clip2gan_cli.packs import load_pack
     from clip2gan_cli.pipeline import generate
 
     monkeypatch.setenv("CLIP2GAN_OFFLINE", "1")
     pack = load_pack(device="cpu")
-    result = generate(pack.generator, pack.clip, pack.mapper, ["a red circle", "a blue square"], n=4, seed=0)
+    assert pack.mapper.config.generation_prior == "retrieval" and pack.mapper.image_feature_bank.shape[0] == 4096
+    result = generate(pack.generator, pack.clip, pack.mapper, ["a red circle", "a blue square"], n=4, seed=0,
+                      prior=prior)
     images = result.images
     assert images.shape == (8, 3, 32, 32)
     # The dominant non-background hue of each image: red-ish for the first prompt, blue-ish for the second.
@@ -270,6 +273,23 @@ def test_build_state_accumulates_stage_time_and_resumes_done_stages(tmp_path):
     again = build_shapes_pack.BuildState(tmp_path / "build_state.json")
     assert again.done("clip") and not again.done("gan")
     assert again.times() == {"clip": 20.0}
+
+
+def test_a_partial_build_keeps_the_recorded_times_of_the_stages_it_did_not_run(tmp_path):
+    import json
+
+    import build_shapes_pack
+
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    (pack / "build_times.json").write_text(json.dumps({"stage_seconds": {"clip": 5.0, "checker": 1.0},
+                                                       "notes": {"clip": "how the CLIP was trained"}}))
+    build_shapes_pack.main(["--workdir", str(tmp_path / "work"), "--pack-dir", str(pack), "--only", "checker",
+                            "--checker-steps", "1"])
+    times = json.loads((pack / "build_times.json").read_text())
+    assert times["stage_seconds"]["clip"] == 5.0 and times["stage_seconds"]["checker"] != 1.0
+    assert times["notes"] == {"clip": "how the CLIP was trained"}
+    assert times["total_seconds"] == round(sum(times["stage_seconds"].values()), 1)
 
 
 def test_text_feature_shift_of_the_build_moves_captions_toward_their_images(tmp_path):
