@@ -405,8 +405,8 @@ def _is_image_endpoint(spec: str) -> bool:
     return path.suffix.lower() != ".safetensors" and _is_file(spec) and bool(path.suffix)
 
 
-def _endpoint_latent(spec: str, models, align: bool):
-    """W+ [1, num_ws, w_dim] of an interpolation endpoint: a latent file, an image, or a prompt."""
+def _endpoint_latent(spec: str, models, align: bool, prior: str | None = None, seed: int = 0):
+    """W+ [1, num_ws, w_dim] of an interpolation endpoint: a latent file, an image, or a prompt (`prior`)."""
     from . import imageio, pipeline
     from .errors import ImageError
 
@@ -418,7 +418,7 @@ def _endpoint_latent(spec: str, models, align: bool):
         return pipeline.invert(models.clip, models.mapper, image)
     if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"):
         raise ImageError(f"image not found: {path}")
-    return pipeline.text_latents(models.clip, models.mapper, [spec])
+    return pipeline.prompt_latents(models.clip, models.mapper, [spec], prior=prior, seed=seed)
 
 
 @app.command("interpolate")
@@ -432,6 +432,11 @@ def interpolate_command(
     mp4: Optional[Path] = typer.Option(None, "--mp4", help="Write an MP4 here (needs PyAV or imageio-ffmpeg)."),
     fps: float = typer.Option(12.0, "--fps", help="Frames per second of the GIF / MP4."),
     align: Optional[bool] = typer.Option(None, "--align/--no-align", help="MTCNN face alignment of image endpoints."),
+    prior: Optional[str] = typer.Option(
+        None, "--prior", metavar="text|retrieval",
+        help="Prompt endpoints: the prompt's feature (text) or the bank image generate's first sample would use "
+             "(retrieval; default: the mapper's, else text)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the retrieval draw for prompt endpoints."),
     pack: Optional[str] = _MODEL["pack"],
     mapper: Optional[Path] = _MODEL["mapper"],
     generator: Optional[str] = _MODEL["generator"],
@@ -445,10 +450,13 @@ def interpolate_command(
     from . import imageio, pipeline
     from .device import resolve_device
     from .errors import UserInputError
+    from .mapper import GENERATION_PRIORS
     from .packs import output_metadata, select_models
 
     if frames < 2:
         raise UserInputError(f"--frames must be at least 2, got {frames}")
+    if prior is not None and prior not in GENERATION_PRIORS:
+        raise UserInputError(f"unknown --prior '{prior}'", hint=f"expected {' or '.join(GENERATION_PRIORS)}")
     if not a.strip() or not b.strip():
         raise UserInputError("empty prompt", hint="A and B must be prompts, images or latent files")
     if mp4 is not None and imageio.mp4_encoder() is None:
@@ -458,15 +466,16 @@ def interpolate_command(
     models = select_models(pack, mapper, generator, clip, resolve_device(device), backend,
                            text_only=not any(_is_image_endpoint(spec) for spec in (a, b)))
     face_align = models.is_face_pack if align is None else align
-    w_plus = pipeline.interpolate(_endpoint_latent(a, models, face_align), _endpoint_latent(b, models, face_align),
-                                  frames, spherical=spherical)
+    w_plus = pipeline.interpolate(_endpoint_latent(a, models, face_align, prior, seed),
+                                  _endpoint_latent(b, models, face_align, prior, seed), frames, spherical=spherical)
     bar, advance = _progress("Rendering", frames)
     with bar:
         images = pipeline.synthesize(models.generator, w_plus, progress=advance)
     name = f"interp_{imageio.slugify(Path(a).stem if _is_file(a) else a, 24)}" \
            f"_to_{imageio.slugify(Path(b).stem if _is_file(b) else b, 24)}"
     records = imageio.write_interpolation_outputs(out, name, images, gif=gif, mp4=mp4, fps=fps,
-                                                  metadata=output_metadata(models, a=a, b=b))
+                                                  metadata=output_metadata(models, a=a, b=b, seed=seed,
+                                                                           prior=prior or models.mapper.config.generation_prior))
     _emit(records, json_out)
 
 # --- train (issue 5) ---

@@ -97,6 +97,21 @@ def text_latents(clip, mapper, texts: Sequence[str]) -> torch.Tensor:
     return mapper(mapper.text_to_image_features(features.to(mapper.w_offset.device))).float()
 
 
+@torch.no_grad()
+def prompt_latents(clip, mapper, texts: Sequence[str], prior: str | None = None, seed: int = 0) -> torch.Tensor:
+    """One W+ code per prompt without feature noise: [len(texts), num_ws, w_dim].
+
+    prior "text" (the paper): `text_latents`; "retrieval": the mapper at the bank feature that `generate`'s
+    sample 0 of this seed draws (`retrieve_image_features`). Default: `mapper.config.generation_prior`.
+    """
+    prior = prior or mapper.config.generation_prior
+    check_generation_prior(prior)
+    if prior == "text":
+        return text_latents(clip, mapper, texts)
+    features = mapper.text_to_image_features(clip.encode_text(validate_prompts(texts)).to(mapper.w_offset.device))
+    return mapper(retrieve_image_features(mapper, features, 1, seed)).float()
+
+
 def invert(clip, mapper, images: torch.Tensor) -> torch.Tensor:
     """W+ = M(C_image(x)) for images [N, 3, R, R] in [-1, 1] (the paper's one-shot inversion)."""
     with torch.no_grad():

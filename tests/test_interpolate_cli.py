@@ -42,7 +42,47 @@ def test_endpoints_are_the_latents_images(cli_runner, tiny_pack, tmp_path):
     assert not np.array_equal(read(frames[1]), read(frames[0]))
 
 
+def test_prompt_endpoints_follow_the_mappers_prior(cli_runner, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from clip2gan_cli.mapper import load_mapper, save_mapper
+    from clip2gan_cli.pipeline import prompt_latents, synthesize, text_latents
+    from tiny_models import load_tiny_models, make_tiny_pack
+
+    pack = make_tiny_pack(tmp_path / "pack")
+    mapper = load_mapper(pack.mapper)
+    mapper.config = dataclasses.replace(mapper.config, generation_prior="retrieval", retrieval_temperature=1e-4)
+    mapper.set_image_feature_bank(torch.randn(5, mapper.clip_dim, generator=torch.Generator().manual_seed(0)))
+    save_mapper(mapper, pack.mapper)
+
+    def first_frame(out, *args):
+        result = cli_runner(["interpolate", "a red circle", "a blue square", "--frames", "2", *args,
+                             *pack.cli_args(), "--out", tmp_path / out, "--json"])
+        assert result.exit_code == 0, result.stderr
+        return np.asarray(Image.open(json.loads(result.stdout.splitlines()[0])["path"])).astype(int)
+
+    models = load_tiny_models(pack)
+    expected = {prior: synthesize(models.generator, latents)[0]
+                for prior, latents in (("retrieval", prompt_latents(models.clip, models.mapper, ["a red circle"])),
+                                       ("text", text_latents(models.clip, models.mapper, ["a red circle"])))}
+    to_pixels = lambda image: ((image.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()  # noqa: E731
+    retrieved, text = first_frame("retrieval"), first_frame("text", "--prior", "text")
+    assert np.abs(retrieved - to_pixels(expected["retrieval"])).max() <= 1
+    assert np.abs(text - to_pixels(expected["text"])).max() <= 1
+    assert not np.array_equal(retrieved, text)
+    # at a tiny temperature the retrieval endpoint is the mapper at the bank row closest to the prompt
+    with torch.no_grad():
+        text_feature = models.mapper.text_to_image_features(models.clip.encode_text(["a red circle"]))
+        bank = models.mapper.image_feature_bank
+        nearest = bank[(torch.nn.functional.normalize(text_feature) @ bank.T).argmax()]
+        torch.testing.assert_close(prompt_latents(models.clip, models.mapper, ["a red circle"]),
+                                   models.mapper(nearest[None]))
+
+
 def test_image_endpoint_and_spherical(cli_runner, tiny_pack, tmp_path):
+
     image = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(image)
     result = _run(cli_runner, tiny_pack, tmp_path / "frames", image, "a green star", "--frames", "3", "--spherical")
@@ -63,6 +103,8 @@ def test_mp4_without_an_encoder_fails_before_writing(cli_runner, tiny_pack, tmp_
     (["a red circle", "blue", "--frames", "1"], ["--frames must be at least 2"]),
     (["", "blue"], ["empty prompt"]),
     (["missing.png", "blue"], ["image not found"]),
+    (["a red circle", "blue", "--prior", "nearest"], ["unknown --prior 'nearest'"]),
+    (["a red circle", "blue", "--prior", "retrieval"], ["no image feature bank"]),
 ])
 def test_bad_arguments(cli_runner, tiny_pack, tmp_path, args, fragments):
     result = _run(cli_runner, tiny_pack, tmp_path / "frames", *args)

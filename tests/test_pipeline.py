@@ -136,6 +136,17 @@ def test_retrieval_draws_follow_the_softmax_and_row_i_depends_only_on_seed_and_i
     assert not torch.equal(fewer, other)
 
 
+def test_prompt_latents_are_generates_first_sample_without_noise(tiny_models):
+    generator, clip, mapper = _with_bank(tiny_models, torch.randn(9, tiny_models.mapper.clip_dim), 0.3)
+    for seed in (0, 5):
+        first = pipeline.generate(generator, clip, mapper, ["a red circle", "a blue square"], n=1, seed=seed,
+                                  feature_noise=("none", 0.0))
+        torch.testing.assert_close(pipeline.prompt_latents(clip, mapper, ["a red circle", "a blue square"], seed=seed),
+                                   first.w_plus)
+    torch.testing.assert_close(pipeline.prompt_latents(clip, mapper, ["a red circle"], prior="text"),
+                               pipeline.text_latents(clip, mapper, ["a red circle"]))
+
+
 def test_the_retrieval_prior_needs_a_bank(tiny_models):
     models = tiny_models
     with pytest.raises(UserInputError, match="no image feature bank"):
