@@ -7,7 +7,6 @@ one line on stderr and exit code 1; CLIP2GAN_DEBUG=1 shows the traceback instead
 from __future__ import annotations
 
 import functools
-import sys
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -253,7 +252,6 @@ def generate_command(
     from . import imageio, pipeline
     from .device import resolve_device
     from .errors import UserInputError
-    from .mapper import GENERATION_PRIORS
     from .packs import output_metadata, select_models
 
     texts = pipeline.validate_prompts(imageio.read_prompt_args(prompts))
@@ -261,8 +259,7 @@ def generate_command(
         raise UserInputError(f"-n and --batch-size must be at least 1, got {min(n, batch_size)}")
     if image_format.lower() not in imageio.IMAGE_FORMATS:
         raise UserInputError(f"unknown --format '{image_format}'", hint="use png or jpg")
-    if prior is not None and prior not in GENERATION_PRIORS:
-        raise UserInputError(f"unknown --prior '{prior}'", hint=f"expected {' or '.join(GENERATION_PRIORS)}")
+    _check_prior(prior)
     imageio.check_output_dir(out)
     # text only: generate never encodes images, and a text-only CLIP skips importing open_clip
     models = select_models(pack, mapper, generator, clip, resolve_device(device), backend, text_only=True)
@@ -353,19 +350,8 @@ def edit_command(
                                contrast_sets=contrast_sets, progress=advance)
     used = [row[0] for row in result.neutrals]  # one image: the neutral each edit text used
     if neutral == NEUTRAL_AUTO:
-        for (edit_text, _), inferred in zip(requested, used):
-            if inferred is None:
-                err(f"Neutral for '{edit_text}': none (no contrast word in the text)")
-            elif inferred.lower() == edit_text.lower():
-                err(f"Neutral for '{edit_text}': the text itself (the image already matches it: no change)")
-            else:
-                err(f"Neutral for '{edit_text}': '{inferred}' (inferred from the image)")
-    if len(set(used)) == 1:  # one neutral for every edit: named once, as before auto existed
-        label = "+".join(f"{t}:{b:g}" for t, b in requested) + (f"-vs-{used[0]}" if used[0] else "")
-        neutral_used = used[0] or ""
-    else:
-        label = "+".join(f"{t}:{b:g}" + (f"-vs-{n}" if n else "") for (t, b), n in zip(requested, used))
-        neutral_used = "; ".join(n or "" for n in used)
+        _report_inferred_neutrals(requested, used)
+    label, neutral_used = _edit_label(requested, used)
     rows = "all" if row_range is None else ":".join("" if v is None else str(v) for v in row_range)
     records = imageio.write_edit_outputs(out, image.stem, source, result.reconstruction, result.edited,
                                          result.w_plus_edited, label,
@@ -374,6 +360,34 @@ def edit_command(
                                                                   direction=direction,
                                                                   layers=rows))
     _emit(records, json_out)
+
+
+def _report_inferred_neutrals(requested, used) -> None:
+    """One stderr line per edit text: the neutral --neutral auto inferred for it."""
+    for (edit_text, _), inferred in zip(requested, used):
+        if inferred is None:
+            err(f"Neutral for '{edit_text}': none (no contrast word in the text)")
+        elif inferred.lower() == edit_text.lower():
+            err(f"Neutral for '{edit_text}': the text itself (the image already matches it: no change)")
+        else:
+            err(f"Neutral for '{edit_text}': '{inferred}' (inferred from the image)")
+
+
+def _edit_label(requested, used) -> tuple[str, str]:
+    """(file label, metadata neutral) of an edit: one shared neutral is named once, else each edit's own."""
+    if len(set(used)) == 1:
+        return "+".join(f"{t}:{b:g}" for t, b in requested) + (f"-vs-{used[0]}" if used[0] else ""), used[0] or ""
+    return ("+".join(f"{t}:{b:g}" + (f"-vs-{n}" if n else "") for (t, b), n in zip(requested, used)),
+            "; ".join(n or "" for n in used))
+
+
+def _check_prior(prior: str | None) -> None:
+    """A one-line error for an unknown --prior (before any model loads)."""
+    from .errors import UserInputError
+    from .mapper import GENERATION_PRIORS
+
+    if prior is not None and prior not in GENERATION_PRIORS:
+        raise UserInputError(f"unknown --prior '{prior}'", hint=f"expected {' or '.join(GENERATION_PRIORS)}")
 
 
 def _refine_lpips(refine_steps: int):
@@ -450,13 +464,11 @@ def interpolate_command(
     from . import imageio, pipeline
     from .device import resolve_device
     from .errors import UserInputError
-    from .mapper import GENERATION_PRIORS
     from .packs import output_metadata, select_models
 
     if frames < 2:
         raise UserInputError(f"--frames must be at least 2, got {frames}")
-    if prior is not None and prior not in GENERATION_PRIORS:
-        raise UserInputError(f"unknown --prior '{prior}'", hint=f"expected {' or '.join(GENERATION_PRIORS)}")
+    _check_prior(prior)
     if not a.strip() or not b.strip():
         raise UserInputError("empty prompt", hint="A and B must be prompts, images or latent files")
     if mp4 is not None and imageio.mp4_encoder() is None:

@@ -103,7 +103,7 @@ def test_auto_neutral_names_what_it_inferred_and_none_turns_a_mappers_default_of
     metadata, stderr = run("auto", "--neutral", "auto", "--contrast", "red,green,blue")
     inferred = metadata["neutral"]
     assert inferred in ("red", "green", "blue") and metadata["edits"] == f"blue:2-vs-{inferred}"
-    assert f"Neutral for 'blue': " in stderr and (inferred == "blue" or f"'{inferred}'" in stderr)
+    assert "Neutral for 'blue': " in stderr and (inferred == "blue" or f"'{inferred}'" in stderr)
     mapper = load_mapper(pack.mapper)
     mapper.config = dataclasses.replace(mapper.config, edit_neutral="auto",
                                         edit_contrast_sets=[["red", "green", "blue"]])
