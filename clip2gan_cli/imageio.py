@@ -63,6 +63,8 @@ def read_image(path: str | Path) -> "Image.Image":
                 raise ImageError(f"{path} is {width}x{height}; images must be at least {MIN_SIDE} px on each side")
             image.seek(0)
             image.load()
+            if image.format == "PNG":
+                _check_png_rows(path)
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except ImageError:
@@ -75,6 +77,40 @@ def read_image(path: str | Path) -> "Image.Image":
         raise ImageError(f"{path} is too large to decode safely (decompression bomb)") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # Pillow's ways of saying "broken file"
         raise ImageError(f"{path} is truncated or corrupt: {first_line(error, 120)}") from error
+
+
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+
+
+def _check_png_rows(path: Path) -> None:
+    """ImageError unless the PNG's image data holds every row its header declares.
+
+    Pillow stops quietly where the compressed stream ends, so a forged header (a larger size over the
+    same data) would read as an image whose missing rows are blank. Interlaced files are left to Pillow.
+    """
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if interlace or colour not in PNG_CHANNELS:
+        return
+    expected = height * (1 + math.ceil(width * PNG_CHANNELS[colour] * depth / 8))
+    stream, offset = zlib.decompressobj(), 8
+    decoded = 0
+    while offset + 8 <= len(data) and decoded < expected:
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        if kind == b"IDAT":
+            try:  # bounded: never more than the rows still missing
+                decoded += len(stream.decompress(data[offset + 8:offset + 8 + length], expected - decoded))
+            except zlib.error:
+                break
+        elif kind == b"IEND":
+            break
+        offset += 12 + length
+    if decoded < expected:
+        raise ImageError(f"{path} is truncated or corrupt: its image data holds {decoded:,} of the "
+                         f"{expected:,} bytes its {width}x{height} header declares")
 
 
 def to_rgb(image: "Image.Image") -> "Image.Image":

@@ -68,6 +68,29 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path, width, height
         imageio.read_image(path)
 
 
+def test_a_forged_png_header_over_too_little_image_data_is_refused(tmp_path):
+    # 32x32 RGB data under a header claiming 129x16 with a valid checksum: Pillow decodes it quietly with
+    # half its rows blank (found by hypothesis in test_fuzz_inputs)
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 60)).save(buffer, format="PNG")
+    raw = bytearray(buffer.getvalue())
+    raw[16:24] = struct.pack(">II", 129, 16)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])) & 0xFFFFFFFF)
+    path = tmp_path / "forged.png"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ImageError, match="holds 3,104 of the 6,208 bytes its 129x16 header declares"):
+        imageio.read_image(path)
+
+
+@pytest.mark.parametrize("mode, save", [("RGB", {}), ("RGBA", {}), ("L", {"bits": 4}), ("I;16", {}),
+                                        ("P", {"bits": 2}), ("RGB", {"optimize": True})])
+def test_every_valid_png_kind_holds_its_declared_rows(tmp_path, mode, save):
+    image = Image.new(mode, (37, 21), 3 if mode in ("L", "P", "I;16") else (10, 200, 30))
+    path = tmp_path / "ok.png"
+    image.save(path, **save)
+    assert imageio.read_image(path).size == (37, 21)
+
+
 def test_images_smaller_than_16_px_are_refused(tmp_path):
     path = _save(Image.new("RGB", (15, 64), "red"), tmp_path / "thin.png")
     with pytest.raises(ImageError, match="at least 16 px"):
