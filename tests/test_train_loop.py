@@ -244,6 +244,21 @@ def test_cli_trains_a_pack_and_exports_it(tmp_path, cli_runner):
     pack = load_pack("tiny-trained", device="cpu")
     assert pack.mapper is not None
     assert pack.paths["mapper"].resolve() == (run / "mapper.safetensors").resolve()
+    # without feature_bank_size the trained mapper has no bank: --prior retrieval says so in one line
+    retrieval = cli_runner(["generate", "a red circle", "-n", "1", "--pack", "tiny-trained", "--prior", "retrieval",
+                            "--out", tmp_path / "gen"])
+    assert retrieval.exit_code == 1 and "no image feature bank" in retrieval.stderr
+    # with one, a trained mapper generates through the retrieval prior
+    banked = tmp_path / "banked"
+    result = cli_runner(["train", "--pack", "tiny", "--data", "synthetic", "--out", banked, "--steps", "1",
+                         "--device", "cpu", "--no-progress", "--set", "lpips_backbone=random", "--set", "batch_size=2",
+                         "--set", "num_workers=0", "--set", "mapper_hidden_dim=32", "--set", "num_sample_images=2",
+                         "--set", "feature_bank_size=4"])
+    assert result.exit_code == 0, result.output
+    generated = cli_runner(["generate", "a red circle", "-n", "2", "--mapper", banked / "mapper.safetensors",
+                            "--generator", str(paths.generator), "--clip", str(paths.clip_config),
+                            "--prior", "retrieval", "--out", tmp_path / "gen", "--json"])
+    assert generated.exit_code == 0, generated.stderr
 
     again = cli_runner(["train", "--pack", "tiny", "--data", "synthetic", "--out", run, "--steps", "2"])
     assert again.exit_code == 1 and "already exists" in again.output
@@ -290,6 +305,62 @@ def test_bf16_autocast_trains_with_fp32_weights(tmp_path, frozen):
     result = run_training(config, tmp_path / "run", models=models_for(frozen), progress=False)
     assert all(torch.isfinite(torch.tensor(v)) for v in result.final_losses.values())
     assert all(p.dtype == torch.float32 for p in result.mapper.parameters())
+
+
+def test_a_feature_bank_of_fixed_generator_samples_is_saved_and_resume_keeps_it_exact(tmp_path, frozen):
+    from clip2gan_cli.mapper import load_mapper
+    from clip2gan_cli.train.data import STREAM_SYNTHETIC, SyntheticSource, step_generator
+
+    generator, clip, _ = frozen
+    whole = tiny_config(steps=4, checkpoint_every=2, feature_bank_size=5)
+    run_training(whole, tmp_path / "whole", models=models_for(frozen), progress=False)
+    run_training(tiny_config(steps=2, checkpoint_every=2, feature_bank_size=5), tmp_path / "halves",
+                 models=models_for(frozen), progress=False)
+    run_training(whole, tmp_path / "halves", resume=True, models=models_for(frozen), progress=False)
+    assert (tmp_path / "whole" / "mapper.safetensors").read_bytes() == \
+        (tmp_path / "halves" / "mapper.safetensors").read_bytes()
+    bank = load_mapper(tmp_path / "whole" / "mapper.safetensors").image_feature_bank
+    images = SyntheticSource(generator, whole.synthetic_truncation, torch.device("cpu")).sample(
+        5, step_generator(whole.seed, STREAM_SYNTHETIC, -2))
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(clip.encode_image(images).float(), dim=-1)
+    torch.testing.assert_close(bank, expected)
+    plain = tiny_config(steps=2, checkpoint_every=2)  # the default: no bank (the paper)
+    run_training(plain, tmp_path / "plain", models=models_for(frozen), progress=False)
+    assert load_mapper(tmp_path / "plain" / "mapper.safetensors").image_feature_bank.shape[0] == 0
+
+
+def test_a_feature_bank_from_a_folder_takes_each_image_once_when_it_is_small(tmp_path, frozen):
+    from PIL import Image
+
+    from clip2gan_cli.mapper import load_mapper
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for index in range(3):
+        Image.new("RGB", (16, 16), (80 * index, 40, 200)).save(data / f"{index}.png")
+    config = tiny_config(steps=1, data=str(data), checkpoint_every=1, lambda_adv=0.0, num_sample_images=0,
+                         feature_bank_size=10)
+    messages = []
+    run_training(config, tmp_path / "run", models=models_for(frozen, False), progress=False, log=messages.append)
+    bank = load_mapper(tmp_path / "run" / "mapper.safetensors").image_feature_bank
+    assert bank.shape[0] == 3 and any("Feature bank: CLIP features of 3 training images" in m for m in messages)
+    assert len({tuple(row.tolist()) for row in bank}) == 3  # three different images
+
+
+@pytest.mark.parametrize("data", ["synthetic", "folder"])
+def test_no_sample_images_gives_sheets_of_the_prompts_alone(tmp_path, frozen, data):
+    from PIL import Image
+
+    if data == "folder":
+        data = tmp_path / "images"
+        data.mkdir()
+        for index in range(3):
+            Image.new("RGB", (16, 16), (80 * index, 40, 200)).save(data / f"{index}.png")
+    config = tiny_config(steps=1, data=str(data), checkpoint_every=1, lambda_adv=0.0, num_sample_images=0)
+    run_training(config, tmp_path / "run", models=models_for(frozen, False), progress=False)
+    with Image.open(tmp_path / "run" / "samples" / "step-00000001.png") as sheet:
+        assert sheet.size == (2 * 18 + 2, 18 + 2)  # one row: the two sample prompts (was a ZeroDivisionError)
 
 
 def test_trains_on_an_image_folder_mixed_with_generator_samples(tmp_path, frozen):

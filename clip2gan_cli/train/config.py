@@ -146,6 +146,10 @@ class TrainConfig:
     log_every: int = 50
     # Held-out images (and their reconstructions) shown in each sample sheet.
     num_sample_images: int = 8
+    # CLIP image features of this many training images stored in mapper.safetensors, for
+    # `generate --prior retrieval` (0 = none, the paper). Fixed images (an even stride over the folder, or
+    # G samples of a seed no step uses), encoded once when the run starts: 4,096 x 512 floats is 8 MB.
+    feature_bank_size: int = 0
     # Fixed prompts whose generations are shown in each sample sheet.
     sample_prompts: list[str] = field(default_factory=lambda: [
         "a smiling woman with blond hair", "an old man with a beard",
@@ -159,7 +163,7 @@ class TrainConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise UserInputError(f"config: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "num_sample_images", "mapper_hidden_dim"):
+        for name in ("num_workers", "num_sample_images", "mapper_hidden_dim", "feature_bank_size"):
             if getattr(self, name) < 0:
                 raise UserInputError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "d_lr", "div_eps", "div_std"):

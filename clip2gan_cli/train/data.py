@@ -214,11 +214,13 @@ class TrainingBatches:
             yield real
             micro_step += 1
 
-    def held_out(self, count: int, device: "torch.device") -> "torch.Tensor":
+    def held_out(self, count: int, device: "torch.device") -> "torch.Tensor | None":
         """Fixed images for the sample sheets, never trained on: the folder's held-out files when it
         has them (see `build_batches`), else G samples from a seed no training step uses."""
         import torch
 
+        if count <= 0:  # num_sample_images = 0: sheets show the prompts only
+            return None
         if self.held_out_folder is not None and len(self.held_out_folder):
             count = min(count, len(self.held_out_folder))
             return torch.stack([self.held_out_folder[i] for i in range(count)]).to(device)
@@ -228,6 +230,22 @@ class TrainingBatches:
         count = min(count, len(self.folder))  # a folder too small to spare images: show training images
         stride = max(1, len(self.folder) // count)
         return torch.stack([self.folder[i * stride] for i in range(count)]).to(device)
+
+
+    def bank_images(self, count: int, chunk: int, device: "torch.device") -> Iterator["torch.Tensor"]:
+        """`count` fixed images (fewer for a smaller folder) in chunks, for the retrieval prior's bank: the
+        training folder at an even stride when there is one, else G samples from a seed no step uses."""
+        import torch
+
+        if self.folder is not None and len(self.folder):
+            count = min(count, len(self.folder))
+            indices = [i * len(self.folder) // count for i in range(count)]
+            for start in range(0, count, chunk):
+                yield torch.stack([self.folder[i] for i in indices[start:start + chunk]]).to(device)
+            return
+        generator = step_generator(self.seed, STREAM_SYNTHETIC, -2)  # step -2: neither training nor held out
+        for start in range(0, count, chunk):
+            yield self.synthetic.sample(min(chunk, count - start), generator)
 
 
 class _StepBatchSampler:

@@ -226,6 +226,13 @@ def _run(config: TrainConfig, run_dir: Path, resume: bool, models: TrainModels |
     micro_per_step = config.grad_accum * (1 + critic_batches)  # fixed, so step -> data is a pure function
     stream = batches.iterate(start_step * micro_per_step, device)
 
+    if config.feature_bank_size and dist_ctx.is_main and mapper_ema.image_feature_bank.shape[0] == 0:
+        # resumed runs already hold it (mapper_ema's state); the images are fixed, so it is the same bank
+        mapper_ema.set_image_feature_bank(feature_bank(batches, clip, config.feature_bank_size,
+                                                       config.batch_size, device))
+        log(f"Feature bank: CLIP features of {mapper_ema.image_feature_bank.shape[0]} training images "
+            "(generate --prior retrieval).")
+
     # --- outputs (rank 0) -------------------------------------------------------------------------
     writer = _MetricsWriter(run_dir, enabled=dist_ctx.is_main)
     held_out = batches.held_out(config.num_sample_images, device) if dist_ctx.is_main else None
@@ -376,11 +383,20 @@ def mapper_losses(config: TrainConfig, real: torch.Tensor, clip: nn.Module, mapp
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model (parameters); buffers copied."""
+    """ema <- decay * ema + (1 - decay) * model (parameters); buffers copied, but for the image feature
+    bank, which only the EMA mapper (the one saved) holds."""
     for ema_param, param in zip(ema.parameters(), model.parameters()):
         ema_param.lerp_(param.detach(), 1.0 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
+    ema_buffers = dict(ema.named_buffers())
+    for name, buffer in model.named_buffers():
+        if name != "image_feature_bank":
+            ema_buffers[name].copy_(buffer)
+
+
+@torch.no_grad()
+def feature_bank(batches, clip: nn.Module, count: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """CLIP image features [<= count, D] of the run's fixed bank images (`TrainingBatches.bank_images`)."""
+    return torch.cat([clip.encode_image(images).float() for images in batches.bank_images(count, batch_size, device)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,14 +743,19 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 @torch.no_grad()
-def write_sample_sheet(path: Path, held_out: torch.Tensor, prompts: list[str], clip: nn.Module,
-                       mapper: nn.Module, generator: nn.Module) -> Path:
-    """PNG grid: row 1 held-out images, row 2 their reconstructions, then one image per prompt."""
+def write_sample_sheet(path: Path, held_out: torch.Tensor | None, prompts: list[str], clip: nn.Module,
+                       mapper: nn.Module, generator: nn.Module) -> Path | None:
+    """PNG grid: row 1 held-out images, row 2 their reconstructions, then one image per prompt (the prompt
+    row alone without held-out images; nothing without either)."""
     from ..imageio import make_grid, save_png
 
-    columns = held_out.shape[0]
-    reconstructed = generator.synthesis(mapper(clip.encode_image(held_out)), noise_mode="const").float()
-    tiles = [held_out.float(), reconstructed]
+    tiles = []
+    if held_out is not None and held_out.shape[0]:
+        reconstructed = generator.synthesis(mapper(clip.encode_image(held_out)), noise_mode="const").float()
+        tiles = [held_out.float(), reconstructed]
+    elif not prompts:
+        return None
+    columns = held_out.shape[0] if tiles else len(prompts)
     if prompts:
         generated = generator.synthesis(mapper(clip.encode_text(prompts)), noise_mode="const").float()
         padding = (-generated.shape[0]) % columns
