@@ -282,12 +282,13 @@ def test_a_partial_build_keeps_the_recorded_times_of_the_stages_it_did_not_run(t
 
     pack = tmp_path / "pack"
     pack.mkdir()
-    (pack / "build_times.json").write_text(json.dumps({"stage_seconds": {"clip": 5.0, "checker": 1.0},
+    # 12345 s: a time the 1-step checker stage cannot take (it once took 1.0 s, the old sentinel)
+    (pack / "build_times.json").write_text(json.dumps({"stage_seconds": {"clip": 5.0, "checker": 12345.0},
                                                        "notes": {"clip": "how the CLIP was trained"}}))
     build_shapes_pack.main(["--workdir", str(tmp_path / "work"), "--pack-dir", str(pack), "--only", "checker",
                             "--checker-steps", "1"])
     times = json.loads((pack / "build_times.json").read_text())
-    assert times["stage_seconds"]["clip"] == 5.0 and times["stage_seconds"]["checker"] != 1.0
+    assert times["stage_seconds"]["clip"] == 5.0 and times["stage_seconds"]["checker"] != 12345.0
     assert times["notes"] == {"clip": "how the CLIP was trained"}
     assert times["total_seconds"] == round(sum(times["stage_seconds"].values()), 1)
 
