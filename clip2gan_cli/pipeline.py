@@ -104,12 +104,23 @@ def prompt_latents(clip, mapper, texts: Sequence[str], prior: str | None = None,
     prior "text" (the paper): `text_latents`; "retrieval": the mapper at the bank feature that `generate`'s
     sample 0 of this seed draws (`retrieve_image_features`). Default: `mapper.config.generation_prior`.
     """
+    return mapper(prior_features(clip, mapper, validate_prompts(texts), 1, seed, prior)).float()
+
+
+@torch.no_grad()
+def prior_features(clip, mapper, texts: Sequence[str], n: int, seed: int, prior: str | None = None) -> torch.Tensor:
+    """The mapper inputs before feature noise, n per prompt: [len(texts) * n, D], prompt-major.
+
+    The prompts' CLIP text features moved by the mapper's modality gap; with prior "retrieval" (default:
+    `mapper.config.generation_prior`) replaced by bank image features drawn for them
+    (`retrieve_image_features`).
+    """
     prior = prior or mapper.config.generation_prior
     check_generation_prior(prior)
-    if prior == "text":
-        return text_latents(clip, mapper, texts)
-    features = mapper.text_to_image_features(clip.encode_text(validate_prompts(texts)).to(mapper.w_offset.device))
-    return mapper(retrieve_image_features(mapper, features, 1, seed)).float()
+    text_features = mapper.text_to_image_features(clip.encode_text(texts).to(mapper.w_offset.device))  # [P, D]
+    if prior == "retrieval":
+        return retrieve_image_features(mapper, text_features, n, seed)
+    return text_features.repeat_interleave(n, dim=0)
 
 
 def invert(clip, mapper, images: torch.Tensor) -> torch.Tensor:
@@ -145,16 +156,10 @@ def generate(generator, clip, mapper, texts: Sequence[str], n: int = 8, seed: in
     texts = validate_prompts(texts)
     if n < 1 or batch_size < 1:
         raise UserInputError(f"-n and the batch size must be at least 1, got {n} and {batch_size}")
-    prior = prior or mapper.config.generation_prior
-    check_generation_prior(prior)
     mode, strength = feature_noise or (mapper.config.noise_mode, mapper.config.sampling_noise_strength)
     with torch.no_grad():
-        text_features = mapper.text_to_image_features(clip.encode_text(texts).to(mapper.w_offset.device))  # [P, D]
-        if prior == "retrieval":
-            base = retrieve_image_features(mapper, text_features, n, seed)                    # [P*n, D]
-        else:
-            base = text_features.repeat_interleave(n, dim=0)                                    # [P*n, D]
-        noise_rows = sample_noise(n, text_features.shape[1], seed).to(text_features.device)   # [n, D]
+        base = prior_features(clip, mapper, texts, n, seed, prior)                              # [P*n, D]
+        noise_rows = sample_noise(n, base.shape[1], seed).to(base.device)                       # [n, D]
         features = torch.cat([perturb_clip_features(base[p * n:(p + 1) * n], mode, strength, noise=noise_rows)
                               for p in range(len(texts))])                                    # [P*n, D]
         w_plus = torch.cat([mapper(features[start:start + batch_size])

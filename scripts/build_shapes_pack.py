@@ -12,7 +12,8 @@ Stages (each resumable; finished stages are skipped on the next run):
                the synthesis network frozen (so the mapper of stage 5 stays valid) and a trust-region
                anchor; rewrites generator.safetensors and discriminator.safetensors
 Budgets are steps, and every step's random draws are seeded from (seed, step): the same seed, thread
-count and torch build give the same pack on any machine, however loaded, however often interrupted.
+count and torch build give the same pack on one machine, however loaded, however often interrupted
+(another machine's CPU kernels may round differently: docs/shapes_pack.md).
 Each stage's wall time is added to `build_times.json` beside the weights (and to the work
 directory's `build_state.json`, which is what resuming reads).
 
@@ -82,13 +83,20 @@ def stage_checker(args, log) -> dict:
     return {"real_accuracy": checker_accuracy(checker, n=1000)}
 
 
-def gan_trainer(args, log):
-    """The GAN trainer of this build, resumed from the work directory (the gan and export stages)."""
+def gan_trainer(args, log, workdir: Path | None = None, recipe=None):
+    """A GAN trainer of this build, resumed from `workdir` (default: the build's, with the gan stage's
+    recipe: the gan and export stages; the sharpen stage passes its own)."""
     import torch
 
     torch.set_num_threads(args.threads)
-    recipe = shapes_gan.GanRecipe(adversarial_trains=args.gan_adversarial_trains)
-    return shapes_gan.ShapesGanTrainer(args.workdir, recipe, seed=args.seed, log=log)
+    recipe = recipe or shapes_gan.GanRecipe(adversarial_trains=args.gan_adversarial_trains)
+    return shapes_gan.ShapesGanTrainer(workdir or args.workdir, recipe, seed=args.seed, log=log)
+
+
+def readable_by_all(*paths: Path) -> None:
+    """Package data: readable by every user (atomic temp files are 0600)."""
+    for path in paths:
+        os.chmod(path, 0o644)
 
 
 def stage_gan(args, log) -> dict:
@@ -108,8 +116,7 @@ def stage_export(args, log) -> dict:
         with atomic_path(args.pack_dir / name) as tmp:
             shutil.copyfile(source, tmp)
         written.append(args.pack_dir / name)
-    for path in written:
-        os.chmod(path, 0o644)  # package data: readable by every user (atomic temp files are 0600)
+    readable_by_all(*written)
     return {"files": [str(p) for p in written]}
 
 
@@ -119,22 +126,18 @@ def stage_sharpen(args, log) -> dict:
 
     Only G(z) changes: the text and edit paths use the synthesis network, which stays bit for bit.
     """
-    import torch
-
-    torch.set_num_threads(args.threads)
     folder = args.workdir / "sharpen"
     folder.mkdir(parents=True, exist_ok=True)
     if (args.workdir / "checker.pt").exists() and not (folder / "checker.pt").exists():
         shutil.copyfile(args.workdir / "checker.pt", folder / "checker.pt")  # its evaluations use the checker
     recipe = shapes_gan.GanRecipe(adversarial_trains="mapping", mapping_anchor_weight=args.gan_sharpen_anchor)
-    trainer = shapes_gan.ShapesGanTrainer(folder, recipe, seed=args.seed, log=log)
+    trainer = gan_trainer(args, log, workdir=folder, recipe=recipe)
     if not trainer.path.exists():  # a fresh stage: start from what the earlier stages wrote
         trainer.load_pack_files(args.pack_dir)
         trainer.evaluate("sharpen_start")  # the G(z) quality this stage starts from, in gan_log.jsonl
     trainer.run_stage("adversarial", args.gan_sharpen_steps, eval_every=250)
     written = list(trainer.export(args.pack_dir))
-    for path in written:
-        os.chmod(path, 0o644)
+    readable_by_all(*written)
     return {"files": [str(p) for p in written], "progress": trainer.progress}
 
 
@@ -237,8 +240,8 @@ def save_with_usage_defaults(mapper, args) -> None:
         edit_direction=args.mapper_edit_direction, edit_layers=parse_layers(args.mapper_edit_layers),
         edit_beta=args.mapper_edit_beta, edit_neutral=None if args.mapper_edit_neutral == "none" else "auto",
         edit_contrast_sets=data.contrast_sets())
-    save_mapper(mapper, args.pack_dir / "mapper.safetensors", metadata={"clip2gan.source.pack": "shapes"})
-    os.chmod(args.pack_dir / "mapper.safetensors", 0o644)
+    readable_by_all(save_mapper(mapper, args.pack_dir / "mapper.safetensors",
+                                metadata={"clip2gan.source.pack": "shapes"}))
 
 
 def mapper_run_finished(run_dir: Path, steps: int) -> bool:
@@ -365,7 +368,7 @@ def main(argv=None) -> None:
              "seed": args.seed, "threads": args.threads}
     with atomic_path(times_path) as tmp:
         Path(tmp).write_text(json.dumps(times, indent=2) + "\n")
-    os.chmod(args.pack_dir / "build_times.json", 0o644)  # package data, like the weights
+    readable_by_all(times_path)
     log(f"pack in {args.pack_dir}: {json.dumps(times['stage_seconds'])}")
 
 

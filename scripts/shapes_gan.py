@@ -504,7 +504,8 @@ def main(argv=None) -> None:
                         help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping "
                              "frozen; discriminator: G frozen)")
     parser.add_argument("--mapping-anchor", type=float, default=0.0,
-                        help="weight of the mapping regression anchor in a mapping-only adversarial stage")
+                        help="weight of the anchor of a mapping-only adversarial stage (MSE to the mapping "
+                             "network the stage started from)")
     parser.add_argument("--export", type=Path, default=None, help="write generator/discriminator here at the end")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
