@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from clip2gan_cli import weights
+from clip2gan_cli.weights import download
 from clip2gan_cli.errors import ChecksumError, DownloadError, WeightsNotFoundError
 
 PAYLOAD = bytes(range(256)) * 1024  # 256 KiB: several reads, cheap to hash
@@ -282,7 +283,7 @@ def test_ctrl_c_leaves_no_process_temp_file(server, tmp_path, clip2gan_home, mon
         calls.append(count)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(weights._ProgressBar, "advance", interrupt_after_first_chunk)
+    monkeypatch.setattr(download._ProgressBar, "advance", interrupt_after_first_chunk)
     with pytest.raises(KeyboardInterrupt):
         weights.fetch("big", registry=registry, progress=False)
     # Only the resumable bytes remain, under the stable name.
