@@ -15,11 +15,8 @@ from .registry import NAME_RE, PACK_KEYS, SCHEMA_VERSION, LineMap, PackEntry, Re
 
 
 def default_registry_path() -> Path:
-    """The packaged weights.toml (importlib.resources), falling back to the repository root."""
-    packaged = importlib.resources.files("clip2gan_cli").joinpath("weights.toml")
-    if packaged.is_file():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parents[2] / "weights.toml"
+    """The weights.toml shipped inside the package (the top-level weights.toml links to it)."""
+    return Path(str(importlib.resources.files("clip2gan_cli").joinpath("weights.toml")))
 
 
 def local_packs_path() -> Path:
