@@ -24,8 +24,7 @@ import torch
 
 from cli_helpers import assert_one_line_error, written_files
 from conftest import REPO_ROOT
-from test_download import server, write_registry  # noqa: F401 (server is a fixture)
-from tiny_models import tiny_pack  # noqa: F401
+from file_server import write_registry
 
 from clip2gan_cli.weights import download
 
