@@ -20,6 +20,8 @@ import torch
 
 PLACEHOLDER_SOURCE = "# stand-in for NVIDIA's training/networks.py: never executed by clip2gan\n"
 BUFFER_NAMES = ("resample_filter", "noise_const", "w_avg")
+# A module whose import creates the hostile tests' marker file (see the `marker` fixture in conftest.py).
+MARKER_MODULE = "clip2gan_hostile_marker_module"
 
 _persistence = types.ModuleType("torch_utils.persistence")
 _dnnlib_util = types.ModuleType("dnnlib.util")
@@ -199,3 +201,8 @@ def dumps_with_stand_ins(obj: Any, protocol: int = 4) -> bytes:
     """pickle.dumps with the stand-in NVIDIA modules registered (for hand-made trees)."""
     with _stand_in_modules():
         return pickle.dumps(obj, protocol=protocol)
+
+
+def touch_code(marker) -> str:
+    """Python source that creates `marker`: what every hostile payload would run."""
+    return f"open({str(marker)!r}, 'w').close()"

@@ -1,5 +1,10 @@
 """Shared fixtures. Every test gets its own empty cache ($CLIP2GAN_HOME) and no inherited
-offline/registry/debug settings, so no test reads or writes the user's ~/.cache/clip2gan."""
+offline/registry/debug settings, so no test reads or writes the user's ~/.cache/clip2gan.
+
+Fixtures used by more than one test file live here, so no test file imports fixtures; the
+helpers they build on stay in their modules (tiny_models, file_server, _nvidia_pickles).
+Heavy imports (torch, open_clip) happen inside the fixtures: collecting a CLI-only test file
+stays cheap."""
 from __future__ import annotations
 
 import os
@@ -51,3 +56,82 @@ def run_clip2gan(args, env=None, timeout=120, **kwargs) -> subprocess.CompletedP
 def clip2gan_subprocess():
     """`run_clip2gan` as a fixture, for tests that need a fresh interpreter."""
     return run_clip2gan
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by several test files
+
+
+@pytest.fixture(scope="session")
+def tiny_pack(tmp_path_factory):
+    """One tiny pack on disk for the whole session (treat as read-only: copy it before changing files)."""
+    from tiny_models import make_tiny_pack
+
+    return make_tiny_pack(tmp_path_factory.mktemp("tiny_pack"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_pack):
+    """The tiny pack loaded once per session (frozen models on the CPU)."""
+    from tiny_models import load_tiny_models
+
+    return load_tiny_models(tiny_pack)
+
+
+@pytest.fixture
+def server():
+    """A file server on 127.0.0.1 for this test (file_server.FileServer)."""
+    from file_server import FileServer
+
+    file_server = FileServer()
+    yield file_server
+    file_server.close()
+
+
+@pytest.fixture
+def marker(tmp_path, monkeypatch) -> Path:
+    """The file a hostile payload would create; also a module whose import would create it."""
+    from _nvidia_pickles import MARKER_MODULE, touch_code
+
+    marker_path = tmp_path / "PWNED"
+    module_dir = tmp_path / "modules"
+    module_dir.mkdir()
+    (module_dir / f"{MARKER_MODULE}.py").write_text(touch_code(marker_path) + "\n")
+    monkeypatch.syspath_prepend(str(module_dir))
+    monkeypatch.delitem(sys.modules, MARKER_MODULE, raising=False)
+    return marker_path
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    """A small generator's NVIDIA-named tensors to hide hostile payloads among."""
+    from clip2gan_cli.stylegan2 import build_generator
+
+    G = build_generator(8, z_dim=4, w_dim=4, channel_base=16, channel_max=4, mapping_layers=1,
+                        backend="reference", seed=0)
+    return {name: tensor.clone() for name, tensor in G.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory) -> Path:
+    """torch-fidelity's FeatureExtractorInceptionV3 with random weights, saved as a weights file.
+
+    Built without its loader (which would download); convolutions get He init so pool3 features
+    are O(1) instead of vanishing through 90 layers.
+    """
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
+
+    torch.manual_seed(0)
+    with mock.patch.object(inception_module, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(inception_module.FeatureExtractorInceptionV3, "load_state_dict",
+                              lambda self, state_dict: None):
+        extractor = inception_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for module in extractor.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(extractor.state_dict(), path)
+    return path

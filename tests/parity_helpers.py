@@ -1,4 +1,5 @@
-"""Shared by the StyleGAN2 parity and conversion tests: the parity folder, its tolerance and helpers."""
+"""Shared by the StyleGAN2 parity, conversion and fused-ops tests: the parity folder, its tolerance
+rule and helpers."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import torch
 
 PARITY = Path(__file__).parent / "data" / "parity"
-TOLERANCE = 1e-5  # max|out - ref| <= TOLERANCE * max(1, max|ref|) (shared/parity/README)
+TOLERANCE = 1e-5  # float32 parity (shared/parity/README): max|out - ref| <= TOLERANCE * max(1, max|ref|)
 
 
 def split_prefix(tensors: dict, prefix: str) -> dict:
@@ -14,9 +15,14 @@ def split_prefix(tensors: dict, prefix: str) -> dict:
     return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
 
 
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Shapes equal and max|actual - expected| within the parity tolerance, naming the tensor."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", rtol: float = TOLERANCE) -> None:
+    """The parity rule: shapes equal and max|actual - expected| <= rtol * max(1, max|expected|).
+
+    Compared in float64 on the CPU, so any device or dtype (e.g. a float16 run with its own
+    `rtol`) can be checked against a float32 reference. `name` says which tensor failed.
+    """
     assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
     error = (actual - expected).abs().max().item()
-    bound = TOLERANCE * max(1.0, expected.abs().max().item())
+    bound = rtol * max(1.0, expected.abs().max().item())
     assert error <= bound, f"{name}: max|out - ref| = {error:.3g} > {bound:.3g}"

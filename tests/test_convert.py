@@ -57,20 +57,20 @@ def test_nvidia_snapshot_pickle_loads_and_reproduces_parity_outputs(tmp_path, nv
     with torch.no_grad():
         for psi, cutoff, name in ((1.0, None, "psi1"), (0.7, None, "psi0.7"), (0.7, 4, "psi0.7.cutoff4")):
             ws = G.mapping(z, truncation_psi=psi, truncation_cutoff=cutoff)
-            assert_close(f"out.ws.{name}", ws, nvidia_small[f"out.ws.{name}"])
-            assert_close(f"out.img.{name}.const", G.synthesis(ws, noise_mode="const"),
-                         nvidia_small[f"out.img.{name}.const"])
+            assert_close(ws, nvidia_small[f"out.ws.{name}"], f"out.ws.{name}")
+            assert_close(G.synthesis(ws, noise_mode="const"), nvidia_small[f"out.img.{name}.const"],
+                         f"out.img.{name}.const")
         ws = G.mapping(z)
-        assert_close("out.img.psi1.none", G.synthesis(ws, noise_mode="none"), nvidia_small["out.img.psi1.none"])
+        assert_close(G.synthesis(ws, noise_mode="none"), nvidia_small["out.img.psi1.none"], "out.img.psi1.none")
         prefix = "in.noise.psi0.7.random."
         noise = {key[len(prefix):]: value for key, value in nvidia_small.items() if key.startswith(prefix)}
         ws = G.mapping(z, truncation_psi=0.7)
-        assert_close("out.img.psi0.7.random", G.synthesis(ws, noise=noise), nvidia_small["out.img.psi0.7.random"])
-        assert_close("out.img.G_forward.psi0.7.const", G(z, truncation_psi=0.7, noise_mode="const"),
-                     nvidia_small["out.img.G_forward.psi0.7.const"])
+        assert_close(G.synthesis(ws, noise=noise), nvidia_small["out.img.psi0.7.random"], "out.img.psi0.7.random")
+        assert_close(G(z, truncation_psi=0.7, noise_mode="const"), nvidia_small["out.img.G_forward.psi0.7.const"],
+                     "out.img.G_forward.psi0.7.const")
         for image in ("psi1.const", "psi0.7.const"):
-            assert_close(f"out.D.logits.img.{image}", D(nvidia_small[f"out.img.{image}"]),
-                         nvidia_small[f"out.D.logits.img.{image}"])
+            assert_close(D(nvidia_small[f"out.img.{image}"]), nvidia_small[f"out.D.logits.img.{image}"],
+                         f"out.D.logits.img.{image}")
 
 
 def test_nvidia_pickle_recorded_conv_clamp_and_mbstd_group_are_used(tmp_path, nvidia_small):
@@ -82,10 +82,10 @@ def test_nvidia_pickle_recorded_conv_clamp_and_mbstd_group_are_used(tmp_path, nv
     D = convert.load_discriminator(pickle_path, device="cpu", backend="reference")
     assert G.config.conv_clamp == 1.5 and D.config.conv_clamp == 4.0
     with torch.no_grad():
-        assert_close("out.img.psi1.const.clamp", G.synthesis(nvidia_small["out.ws.psi1"], noise_mode="const"),
-                     nvidia_small["out.img.psi1.const.clamp"])
-        assert_close("out.D.logits.img.psi1.const.clamp", D(nvidia_small["out.img.psi1.const"]),
-                     nvidia_small["out.D.logits.img.psi1.const.clamp"])
+        assert_close(G.synthesis(nvidia_small["out.ws.psi1"], noise_mode="const"),
+                     nvidia_small["out.img.psi1.const.clamp"], "out.img.psi1.const.clamp")
+        assert_close(D(nvidia_small["out.img.psi1.const"]), nvidia_small["out.D.logits.img.psi1.const.clamp"],
+                     "out.D.logits.img.psi1.const.clamp")
     whole_batch = tmp_path / "legacy-tf-conversion.pkl"
     whole_batch.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), split_prefix(nvidia_small, "D."),
                                            mbstd_group_size=None))
@@ -153,9 +153,9 @@ def test_registry_name_is_fetched_converted_and_loaded(tmp_path, nvidia_small, m
     assert fetched == ["stylegan2-tiny-32x32"] * 2
     assert (clip2gan_home / "converted" / "stylegan2-tiny-32x32.G.safetensors").is_file()
     with torch.no_grad():
-        assert_close("out.img.psi1.const", G.synthesis(nvidia_small["out.ws.psi1"]), nvidia_small["out.img.psi1.const"])
-        assert_close("out.D.logits.img.psi1.const", D(nvidia_small["out.img.psi1.const"]),
-                     nvidia_small["out.D.logits.img.psi1.const"])
+        assert_close(G.synthesis(nvidia_small["out.ws.psi1"]), nvidia_small["out.img.psi1.const"], "out.img.psi1.const")
+        assert_close(D(nvidia_small["out.img.psi1.const"]), nvidia_small["out.D.logits.img.psi1.const"],
+                     "out.D.logits.img.psi1.const")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,9 +185,9 @@ def test_rosinality_converted_file_with_latent_avg_loads(tmp_path, rosinality_sm
     torch.testing.assert_close(G.w_avg, rosinality_small["latent_avg"], rtol=0, atol=0)
     with torch.no_grad():
         ws = G.mapping(rosinality_small["in.z"], truncation_psi=0.7)
-        assert_close("out.img.psi0.7.buffers", G.synthesis(ws), rosinality_small["out.img.psi0.7.buffers"])
-        assert_close("out.D.logits.img.psi1.buffers", D(rosinality_small["out.img.psi1.buffers"]),
-                     rosinality_small["out.D.logits.img.psi1.buffers"])
+        assert_close(G.synthesis(ws), rosinality_small["out.img.psi0.7.buffers"], "out.img.psi0.7.buffers")
+        assert_close(D(rosinality_small["out.img.psi1.buffers"]), rosinality_small["out.D.logits.img.psi1.buffers"],
+                     "out.D.logits.img.psi1.buffers")
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -217,8 +217,8 @@ def test_rosinality_training_snapshot_estimates_latent_avg(tmp_path, rosinality_
     assert metadata["source_network"] == "g_ema"
     assert json.loads(metadata["training_args"])["channel_multiplier"] == 2
     with torch.no_grad():  # the EMA weights were used, not `g`
-        assert_close("out.img.psi1.buffers", G.synthesis(G.mapping(rosinality_small["in.z"])),
-                     rosinality_small["out.img.psi1.buffers"])
+        assert_close(G.synthesis(G.mapping(rosinality_small["in.z"])), rosinality_small["out.img.psi1.buffers"],
+                     "out.img.psi1.buffers")
 
 
 def test_rosinality_blur_kernel_other_than_1331_is_refused(tmp_path, rosinality_small):
@@ -267,9 +267,8 @@ def test_safetensors_without_metadata_uses_json_beside_or_shapes(tmp_path):
 def test_nvidia_parity_file_loads_by_its_key_prefixes(nvidia_small):
     G = convert.load_generator(PARITY / "nvidia_small.safetensors", device="cpu", backend="reference")
     with torch.no_grad():
-        assert_close("out.img.psi0.7.cutoff4.const",
-                     G.synthesis(G.mapping(nvidia_small["in.z"], truncation_psi=0.7, truncation_cutoff=4)),
-                     nvidia_small["out.img.psi0.7.cutoff4.const"])
+        assert_close(G.synthesis(G.mapping(nvidia_small["in.z"], truncation_psi=0.7, truncation_cutoff=4)),
+                     nvidia_small["out.img.psi0.7.cutoff4.const"], "out.img.psi0.7.cutoff4.const")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,8 +398,8 @@ def test_nvidia_settings_fall_back_to_recorded_constructor_kwargs(tmp_path, nvid
     D = convert.load_discriminator(path, device="cpu", backend="reference")
     assert (G.config.conv_clamp, D.config.conv_clamp, D.config.mbstd_group_size) == (1.5, 4.0, 2)
     with torch.no_grad():
-        assert_close("out.img.psi1.const.clamp", G.synthesis(nvidia_small["out.ws.psi1"]),
-                     nvidia_small["out.img.psi1.const.clamp"])
+        assert_close(G.synthesis(nvidia_small["out.ws.psi1"]), nvidia_small["out.img.psi1.const.clamp"],
+                     "out.img.psi1.const.clamp")
     bad = dict(default_attributes(g_state, "generator"))
     bad["synthesis.b4.conv1"] = {**bad["synthesis.b4.conv1"], "conv_clamp": "256; rm -rf /"}
     path.write_bytes(dumps_with_stand_ins({"G_ema": build_tree(g_state, "generator", bad)}, protocol=4))
@@ -439,4 +438,4 @@ def test_pickle_with_only_G_uses_it(tmp_path, nvidia_small):
     path.write_bytes(dumps_with_stand_ins({"G": tree, "D": None}, protocol=3))
     G = convert.load_generator(path, device="cpu", backend="reference")
     with torch.no_grad():
-        assert_close("out.ws.psi1", G.mapping(nvidia_small["in.z"]), nvidia_small["out.ws.psi1"])
+        assert_close(G.mapping(nvidia_small["in.z"]), nvidia_small["out.ws.psi1"], "out.ws.psi1")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import assert_one_line_error, written_files
-from tiny_models import make_tiny_pack, register_tiny_pack, tiny_pack  # noqa: F401
+from tiny_models import make_tiny_pack, register_tiny_pack
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 
 import pytest
 from test_metrics_eval import write_noise_images, write_prompts
-from test_metrics_fid import random_inception_weights  # noqa: F401 (fixture)
 from tiny_models import make_tiny_pack, register_tiny_pack
 
 REPORT_KEYS = {"fid", "n_real", "n_fake", "features", "feature_weights_sha256", "versions"}

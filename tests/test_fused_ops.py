@@ -13,17 +13,10 @@ import torch
 
 from clip2gan_cli.stylegan2 import build_discriminator, build_generator, get_ops, resolve_backend
 from clip2gan_cli.stylegan2.ops import fused, reference
+from parity_helpers import assert_close
 
 HAS_CUDA = torch.cuda.is_available()
 FIR = reference.setup_filter([1, 3, 3, 1])
-
-
-def assert_close(got, want, what="", rtol=1e-5):
-    """The parity rule: max|got - want| <= rtol * max(1, max|want|)."""
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    error = (got.double() - want.double()).abs().max().item()
-    bound = rtol * max(1.0, want.abs().max().item())
-    assert error <= bound, f"{what}: max|diff| {error:.3g} > {bound:.3g}"
 
 
 def run_both(op_name, inputs: dict, kwargs: dict, seed=0):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import assert_one_line_error, written_files
-from tiny_models import make_tiny_generator, make_tiny_mapper, make_tiny_pack, register_tiny_pack, tiny_pack  # noqa: F401
+from tiny_models import make_tiny_generator, make_tiny_mapper, make_tiny_pack, register_tiny_pack
 
 
 def _generate(cli_runner, tiny_pack, out, *args, **kwargs):

@@ -26,13 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from _nvidia_pickles import build_tree, default_attributes, dumps_snapshot, dumps_with_stand_ins
+from _nvidia_pickles import (MARKER_MODULE, build_tree, default_attributes, dumps_snapshot, dumps_with_stand_ins,
+                             touch_code)
 from clip2gan_cli.errors import CheckpointError, UnsafeCheckpointError
 from clip2gan_cli.stylegan2 import build_generator, convert
 from clip2gan_cli.stylegan2.safe_pickle import LEGACY_TORCH_MAGIC, LEGACY_TORCH_PROTOCOL
-
-MARKER_MODULE = "clip2gan_hostile_marker_module"
-
 
 class Call:
     """Pickles as `func(*args)`: the shape of every code-execution payload."""
@@ -44,31 +42,15 @@ class Call:
         return self.func, self.args
 
 
-def _touch_code(marker: Path) -> str:
-    return f"open({str(marker)!r}, 'w').close()"
-
-
 def _payloads(marker: Path) -> dict[str, Call]:
     """One payload per dangerous global; each creates `marker` when unpickled normally."""
     return {
         "posix.system": Call(os.system, f"touch '{marker}'"),
-        "builtins.eval": Call(builtins.eval, _touch_code(marker)),
-        "builtins.exec": Call(builtins.exec, _touch_code(marker)),
+        "builtins.eval": Call(builtins.eval, touch_code(marker)),
+        "builtins.exec": Call(builtins.exec, touch_code(marker)),
         "subprocess.Popen": Call(subprocess.Popen, ["touch", str(marker)]),
         "importlib.import_module": Call(importlib.import_module, MARKER_MODULE),
     }
-
-
-@pytest.fixture
-def marker(tmp_path, monkeypatch) -> Path:
-    """The file a payload would create; also a module whose import would create it."""
-    marker_path = tmp_path / "PWNED"
-    module_dir = tmp_path / "modules"
-    module_dir.mkdir()
-    (module_dir / f"{MARKER_MODULE}.py").write_text(_touch_code(marker_path) + "\n")
-    monkeypatch.syspath_prepend(str(module_dir))
-    monkeypatch.delitem(__import__("sys").modules, MARKER_MODULE, raising=False)
-    return marker_path
 
 
 def _wait_for(path: Path, seconds: float = 3.0) -> bool:
@@ -78,14 +60,6 @@ def _wait_for(path: Path, seconds: float = 3.0) -> bool:
             return True
         time.sleep(0.02)
     return path.exists()
-
-
-@pytest.fixture(scope="module")
-def tiny_state():
-    """A small generator's NVIDIA-named tensors to hide payloads among."""
-    G = build_generator(8, z_dim=4, w_dim=4, channel_base=16, channel_max=4, mapping_layers=1,
-                        backend="reference", seed=0)
-    return {name: tensor.clone() for name, tensor in G.state_dict().items()}
 
 
 def _written_name(name: str, protocol: int) -> str:
@@ -157,7 +131,7 @@ def test_torch_nn_module_global_is_refused(tmp_path, clip2gan_home, marker):
 
 def test_module_src_is_never_executed(tmp_path, marker, clip2gan_home):
     # NVIDIA's loader execs `module_src`; here it carries a side effect and a well-formed state.
-    hostile_source = _touch_code(marker) + "\nclass Generator: pass\n"
+    hostile_source = touch_code(marker) + "\nclass Generator: pass\n"
     G = build_generator(8, z_dim=4, w_dim=4, channel_base=16, channel_max=4, mapping_layers=1,
                         backend="reference", seed=1)
     state = {name: tensor.clone() for name, tensor in G.state_dict().items()}
@@ -175,7 +149,7 @@ def test_module_src_is_never_executed(tmp_path, marker, clip2gan_home):
 def test_unknown_persistent_class_with_code_is_refused(tmp_path, tiny_state, marker, clip2gan_home):
     # A persistent object whose class is not one of NVIDIA's StyleGAN2 modules is refused outright.
     tree = build_tree(tiny_state, "generator", default_attributes(tiny_state, "generator"),
-                      module_src=_touch_code(marker) + "\nclass Exploit: pass\n")
+                      module_src=touch_code(marker) + "\nclass Exploit: pass\n")
     tree.class_name = "Exploit"
     path = tmp_path / "evil-class.pkl"
     path.write_bytes(dumps_with_stand_ins({"G_ema": tree}, protocol=4))

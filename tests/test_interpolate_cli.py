@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from cli_helpers import assert_one_line_error, written_files
-from tiny_models import tiny_pack  # noqa: F401
 
 
 def _run(cli_runner, tiny_pack, out, *args):

@@ -225,30 +225,6 @@ def test_a_corrupt_cache_file_is_recomputed(tmp_path, clip2gan_home):
 # --------------------------------------------------------------------------- Inception (torch-fidelity)
 
 
-@pytest.fixture(scope="session")
-def random_inception_weights(tmp_path_factory) -> Path:
-    """torch-fidelity's FeatureExtractorInceptionV3 with random weights, saved as a weights file.
-
-    Built without its loader (which would download); convolutions get He init so pool3 features
-    are O(1) instead of vanishing through 90 layers.
-    """
-    from unittest import mock
-
-    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
-
-    torch.manual_seed(0)
-    with mock.patch.object(inception_module, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(inception_module.FeatureExtractorInceptionV3, "load_state_dict",
-                              lambda self, state_dict: None):
-        extractor = inception_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    for module in extractor.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(extractor.state_dict(), path)
-    return path
-
-
 @pytest.mark.slow
 def test_inception_fid_and_kid_equal_a_direct_torch_fidelity_call(tmp_path, random_inception_weights):
     import torch_fidelity

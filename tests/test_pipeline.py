@@ -7,7 +7,7 @@ import torch
 from clip2gan_cli import pipeline
 from clip2gan_cli.errors import UserInputError
 from clip2gan_cli.mapper import perturb_clip_features
-from tiny_models import TINY_RESOLUTION, tiny_models, tiny_pack  # noqa: F401  (fixtures)
+from tiny_models import TINY_RESOLUTION
 
 
 def _generate(models, texts=("a red circle",), **kwargs):

@@ -24,10 +24,9 @@ import torch
 
 from cli_helpers import assert_one_line_error, written_files
 from conftest import REPO_ROOT
-from test_download import server, write_registry  # noqa: F401 (server is a fixture)
-from tiny_models import tiny_pack  # noqa: F401
+from file_server import write_registry
 
-from clip2gan_cli import weights
+from clip2gan_cli.weights import download
 
 FAULT_SEED = int(os.environ.get("CLIP2GAN_FAULT_SEED", "0"))
 BIG = random.Random(8).randbytes(3 << 20)  # 3 MiB: many reads, several kill points
@@ -155,14 +154,14 @@ def test_full_disk_during_download_keeps_the_previous_file_and_resumes(server, t
         handle = real_open(file, mode, *args, **kwargs)
         return _FullDiskFile(handle, room) if str(file).endswith(".part") and "b" in mode else handle
 
-    monkeypatch.setattr(weights, "open", open_on_a_full_disk, raising=False)
+    monkeypatch.setattr(download, "open", open_on_a_full_disk, raising=False)
     result = cli_runner(["download-weights", "big", "-q", "--registry", registry])
     assert_one_line_error(result, "No space left on device")
     assert target.read_bytes() == b"previous version"
     partial = target.with_name("big.bin.partial")
     assert partial.stat().st_size == len(BIG) // 3  # what fitted is kept, resumable
     assert _temp_files(clip2gan_home) == []
-    monkeypatch.setattr(weights, "open", real_open, raising=False)  # space freed
+    monkeypatch.setattr(download, "open", real_open, raising=False)  # space freed
     again = cli_runner(["download-weights", "big", "-q", "--registry", registry])
     assert again.exit_code == 0, again.output
     assert target.read_bytes() == BIG and server.gets("/big.bin")[-1] == f"bytes={len(BIG) // 3}-"

@@ -26,12 +26,10 @@ import pytest
 import torch
 
 import test_hostile_checkpoints as hostile
-from _nvidia_pickles import dumps_snapshot
+from _nvidia_pickles import dumps_snapshot, touch_code
 from cli_helpers import assert_one_line_error, written_files
-from test_download import server, write_registry  # noqa: F401 (server is a fixture)
-from test_hostile_checkpoints import marker, tiny_state  # noqa: F401 (fixtures)
+from file_server import write_registry
 from test_metrics_eval import write_noise_images
-from tiny_models import tiny_pack  # noqa: F401
 
 PAYLOAD_NAMES = ["posix.system", "builtins.eval", "builtins.exec", "subprocess.Popen", "importlib.import_module"]
 
@@ -99,7 +97,7 @@ def test_download_weights_refuses_to_convert_a_hostile_checkpoint(server, tmp_pa
 def test_download_weights_converts_a_pickle_whose_only_payload_is_module_src(server, tmp_path, cli_runner,
                                                                             clip2gan_home, marker, tiny_state):
     # NVIDIA's loader would exec module_src; ours never reads it, so the weights convert and nothing runs.
-    data = dumps_snapshot(tiny_state, None, module_src=hostile._touch_code(marker) + "\nclass Generator: pass\n")
+    data = dumps_snapshot(tiny_state, None, module_src=touch_code(marker) + "\nclass Generator: pass\n")
     url = server.add("/src.pkl", body=data)
     registry = write_registry(tmp_path / "reg.toml", {"src": {"url": url, "format": "nvidia-pkl",
                                                               "sha256": hashlib.sha256(data).hexdigest()}})

@@ -22,7 +22,7 @@ from PIL import Image
 from cli_helpers import assert_one_line_error, written_files
 from test_imageio import _png_with_declared_size
 from test_metrics_eval import write_noise_images
-from tiny_models import make_tiny_generator, make_tiny_mapper, tiny_pack  # noqa: F401
+from tiny_models import make_tiny_generator, make_tiny_mapper
 
 LONG_PROMPT = ("a red circle " * 770).strip()  # 10,009 characters
 assert len(LONG_PROMPT) >= 10_000

@@ -23,7 +23,7 @@ from clip2gan_cli.stylegan2.networks import (
     load_state_dict_strict,
 )
 from clip2gan_cli.stylegan2.ops import resolve_backend
-from parity_helpers import PARITY, split_prefix
+from parity_helpers import PARITY, assert_close, split_prefix
 
 
 NOISE_PREFIX = "in.noise.psi0.7.random."
@@ -87,15 +87,6 @@ def _load_D(small, backend, conv_clamp=None, device="cpu") -> Discriminator:
     return D.to(device).eval().requires_grad_(False)
 
 
-def assert_matches(out: torch.Tensor, ref: torch.Tensor, name: str) -> None:
-    """The acceptance rule: max|out - ref| <= 1e-5 * max(1, max|ref|)."""
-    assert out.shape == ref.shape, f"{name}: shape {list(out.shape)} != {list(ref.shape)}"
-    out = out.detach().float().cpu()
-    error = (out - ref).abs().max().item()
-    tolerance = 1e-5 * max(1.0, ref.abs().max().item())
-    assert error <= tolerance, f"{name}: max |out - ref| = {error:.3g} > {tolerance:.3g}"
-
-
 # ---- mapping ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, psi, cutoff", [
@@ -108,7 +99,7 @@ def test_mapping_matches_nvidia(small, backend, name, psi, cutoff):
     G = _load_G(small, backend)
     with torch.no_grad():
         ws = G.mapping(tensors["in.z"], truncation_psi=psi, truncation_cutoff=cutoff)
-    assert_matches(ws, tensors[name], name)
+    assert_close(ws, tensors[name], name)
 
 
 # ---- synthesis --------------------------------------------------------------------------------
@@ -124,7 +115,7 @@ def test_synthesis_matches_nvidia(small, backend, name, ws_name, noise_mode):
     G = _load_G(small, backend)
     with torch.no_grad():
         img = G.synthesis(tensors[ws_name], noise_mode=noise_mode)
-    assert_matches(img, tensors[name], name)
+    assert_close(img, tensors[name], name)
 
 
 def test_synthesis_with_the_saved_random_noise_matches_nvidia(small, backend):
@@ -134,7 +125,7 @@ def test_synthesis_with_the_saved_random_noise_matches_nvidia(small, backend):
     assert sorted(key.removeprefix("synthesis.") for key in noise) == sorted(G.synthesis.noise_layers())
     with torch.no_grad():
         img = G.synthesis(tensors["out.ws.psi0.7"], noise_mode="random", noise=noise)
-    assert_matches(img, tensors["out.img.psi0.7.random"], "out.img.psi0.7.random")
+    assert_close(img, tensors["out.img.psi0.7.random"], "out.img.psi0.7.random")
 
 
 def test_generator_forward_end_to_end_matches_nvidia(small, backend):
@@ -142,7 +133,7 @@ def test_generator_forward_end_to_end_matches_nvidia(small, backend):
     G = _load_G(small, backend)
     with torch.no_grad():
         img = G(tensors["in.z"], truncation_psi=0.7, noise_mode="const")
-    assert_matches(img, tensors["out.img.G_forward.psi0.7.const"], "out.img.G_forward.psi0.7.const")
+    assert_close(img, tensors["out.img.G_forward.psi0.7.const"], "out.img.G_forward.psi0.7.const")
 
 
 def test_every_synthesis_block_matches_the_debug_intermediates(small, backend):
@@ -157,8 +148,8 @@ def test_every_synthesis_block_matches_the_debug_intermediates(small, backend):
     for hook in hooks:
         hook.remove()
     for res, (x, img) in captured.items():
-        assert_matches(x, tensors[f"dbg.G.synthesis.b{res}.x"], f"b{res}.x")
-        assert_matches(img, tensors[f"dbg.G.synthesis.b{res}.img"], f"b{res}.img")
+        assert_close(x, tensors[f"dbg.G.synthesis.b{res}.x"], f"b{res}.x")
+        assert_close(img, tensors[f"dbg.G.synthesis.b{res}.img"], f"b{res}.img")
 
 
 def test_conv_clamp_generator_matches_nvidia(small, backend):
@@ -166,7 +157,7 @@ def test_conv_clamp_generator_matches_nvidia(small, backend):
     G = _load_G(small, backend, conv_clamp=description["clamp_variants"]["G_conv_clamp"])
     with torch.no_grad():
         img = G.synthesis(tensors["out.ws.psi1"], noise_mode="const")
-    assert_matches(img, tensors["out.img.psi1.const.clamp"], "out.img.psi1.const.clamp")
+    assert_close(img, tensors["out.img.psi1.const.clamp"], "out.img.psi1.const.clamp")
 
 
 def test_training_path_non_fused_modconv_stays_within_tolerance(small, backend):
@@ -175,7 +166,7 @@ def test_training_path_non_fused_modconv_stays_within_tolerance(small, backend):
     G = _load_G(small, backend)
     with torch.no_grad():
         img = G.synthesis(tensors["out.ws.psi1"], noise_mode="const", fused_modconv=False)
-    assert_matches(img, tensors["out.img.psi1.const"], "out.img.psi1.const (fused_modconv=False)")
+    assert_close(img, tensors["out.img.psi1.const"], "out.img.psi1.const (fused_modconv=False)")
 
 
 # ---- discriminator ----------------------------------------------------------------------------
@@ -189,7 +180,7 @@ def test_discriminator_matches_nvidia(small, backend, name, img_name):
     D = _load_D(small, backend)
     with torch.no_grad():
         logits = D(tensors[img_name])  # the stored image, so a G error cannot show up here
-    assert_matches(logits, tensors[name], name)
+    assert_close(logits, tensors[name], name)
 
 
 def test_discriminator_blocks_match_the_debug_intermediates(small, backend):
@@ -204,7 +195,7 @@ def test_discriminator_blocks_match_the_debug_intermediates(small, backend):
         hook.remove()
     assert sorted(captured) == [8, 16, 32]
     for res, x in captured.items():
-        assert_matches(x, tensors[f"dbg.D.b{res}.x"], f"D.b{res}.x")
+        assert_close(x, tensors[f"dbg.D.b{res}.x"], f"D.b{res}.x")
 
 
 def test_conv_clamp_discriminator_matches_nvidia(small, backend):
@@ -212,7 +203,7 @@ def test_conv_clamp_discriminator_matches_nvidia(small, backend):
     D = _load_D(small, backend, conv_clamp=description["clamp_variants"]["D_conv_clamp"])
     with torch.no_grad():
         logits = D(tensors["out.img.psi1.const"])
-    assert_matches(logits, tensors["out.D.logits.img.psi1.const.clamp"], "out.D.logits.img.psi1.const.clamp")
+    assert_close(logits, tensors["out.D.logits.img.psi1.const.clamp"], "out.D.logits.img.psi1.const.clamp")
 
 
 def test_every_stored_output_has_a_test(small):
@@ -252,12 +243,12 @@ def test_cuda_generator_and_discriminator_match_nvidia(small, backend):
     D = _load_D(small, backend, device="cuda")
     noise = {key: value.cuda() for key, value in split_prefix(tensors, NOISE_PREFIX).items()}
     with torch.no_grad():
-        assert_matches(G.mapping(tensors["in.z"].cuda(), 0.7, 4), tensors["out.ws.psi0.7.cutoff4"], "ws cutoff")
-        assert_matches(G.synthesis(tensors["out.ws.psi0.7.cutoff4"].cuda()), tensors["out.img.psi0.7.cutoff4.const"],
+        assert_close(G.mapping(tensors["in.z"].cuda(), 0.7, 4), tensors["out.ws.psi0.7.cutoff4"], "ws cutoff")
+        assert_close(G.synthesis(tensors["out.ws.psi0.7.cutoff4"].cuda()), tensors["out.img.psi0.7.cutoff4.const"],
                        "img cutoff")
-        assert_matches(G.synthesis(tensors["out.ws.psi0.7"].cuda(), noise_mode="random", noise=noise),
+        assert_close(G.synthesis(tensors["out.ws.psi0.7"].cuda(), noise_mode="random", noise=noise),
                        tensors["out.img.psi0.7.random"], "img random")
-        assert_matches(D(tensors["out.img.psi1.const"].cuda()), tensors["out.D.logits.img.psi1.const"], "logits")
+        assert_close(D(tensors["out.img.psi1.const"].cuda()), tensors["out.D.logits.img.psi1.const"], "logits")
 
 
 # ---- full-size key manifests ------------------------------------------------------------------

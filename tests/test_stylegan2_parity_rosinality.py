@@ -6,7 +6,6 @@ Rule (README of the parity data): max|out - ref| <= 1e-5 * max(1, max|ref|) per 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -67,7 +66,7 @@ def test_rosinality_small_reproduces_every_output(parity, backend):
     checked = set()
 
     def check(name, actual):
-        assert_close(name, actual, tensors[name])
+        assert_close(actual, tensors[name], name)
         checked.add(name)
 
     with torch.no_grad():
@@ -111,9 +110,9 @@ def test_load_generator_reads_the_rosinality_parity_file_directly(parity):
     assert not any(p.requires_grad for p in G.parameters()) and not G.training
     with torch.no_grad():
         ws = G.mapping(tensors["in.z"], truncation_psi=0.7)
-        assert_close("out.img.psi0.7.buffers", G.synthesis(ws, noise_mode="const"), tensors["out.img.psi0.7.buffers"])
-        assert_close("out.D.logits.img.psi1.buffers", D(tensors["out.img.psi1.buffers"]),
-                     tensors["out.D.logits.img.psi1.buffers"])
+        assert_close(G.synthesis(ws, noise_mode="const"), tensors["out.img.psi0.7.buffers"], "out.img.psi0.7.buffers")
+        assert_close(D(tensors["out.img.psi1.buffers"]), tensors["out.D.logits.img.psi1.buffers"],
+                     "out.D.logits.img.psi1.buffers")
 
 
 def _meta_tensors(entries: list[dict]) -> dict[str, torch.Tensor]:

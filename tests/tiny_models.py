@@ -10,15 +10,14 @@ use it:
     register_tiny_pack(paths, "tiny")                # `--pack tiny` (in the test's $CLIP2GAN_HOME)
     models = load_tiny_models(paths)                 # clip2gan_cli.packs.Pack, models in memory
 
-Pytest fixture: `tiny_pack` (one pack per test session, read-only: copy it before changing files).
+Fixtures (conftest.py): `tiny_pack` (one pack per test session, read-only: copy it before changing
+files) and `tiny_models` (that pack loaded once).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 TINY_RESOLUTION = 16          # generator output: 16 x 16 (num_ws = 6)
 TINY_W_DIM = 32
@@ -153,15 +152,3 @@ def load_tiny_models(paths: TinyPackPaths, device: str = "cpu"):
 
     return load_models(mapper=paths.mapper, generator=str(paths.generator), clip=str(paths.clip_config),
                        device=device, need_mapper=paths.mapper is not None)
-
-
-@pytest.fixture(scope="session")
-def tiny_pack(tmp_path_factory) -> TinyPackPaths:
-    """One tiny pack on disk for the whole session (treat as read-only)."""
-    return make_tiny_pack(tmp_path_factory.mktemp("tiny_pack"))
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tiny_pack):
-    """The tiny pack loaded once per session (frozen models on the CPU)."""
-    return load_tiny_models(tiny_pack)

@@ -4,7 +4,9 @@
     G = build_generator(256, backend="reference", seed=0).eval()
     img = G(torch.randn(1, G.z_dim), truncation_psi=0.7)  # [1, 3, 256, 256], nominal [-1, 1]
 
-Checkpoint import (`load_generator`, `load_discriminator`) lives in `stylegan2.convert`.
+Checkpoint import (`load_generator`, `load_discriminator`) lives in `stylegan2.convert`; it reads
+files with `checkpoint`, translates rosinality names with `keymap` and reads the architecture from
+the tensors with `architecture`.
 """
 from __future__ import annotations
 

@@ -445,13 +445,6 @@ def _upsample2d(ops, x, f, up=2):
     return ops.upfirdn2d(x, f, up=up, padding=[pad0, pad1, pad0, pad1], gain=up ** 2)
 
 
-def _downsample2d(ops, x, f, down=2):
-    """2x FIR downsampling with NVIDIA's padding ((1, 1) for a 4-tap filter)."""
-    fw = f.shape[-1]
-    pad0, pad1 = (fw - down + 1) // 2, (fw - down) // 2
-    return ops.upfirdn2d(x, f, down=down, padding=[pad0, pad1, pad0, pad1])
-
-
 class SynthesisNetwork(nn.Module):
     """ws [N, num_ws, w_dim] -> image [N, C, R, R] through blocks b4 ... bR (skip architecture)."""
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .. import tomlio
 from ..errors import UserInputError
 
 DIV_MODES = ("multiplicative", "additive")
@@ -244,35 +244,10 @@ def _coerce(key: str, value: Any, expected: type, source: str) -> Any:
 
 
 def _toml_value(value: Any, key: str) -> str:
-    """Format one value as TOML (the types TrainConfig uses: bool, int, float, str, list[str])."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise UserInputError(f"config: {key} is not finite ({value})")
-        return repr(value)  # repr round-trips floats exactly; TOML accepts '1e-05' and '0.1'
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v, key) for v in value) + "]"
-    raise TypeError(f"cannot write {key}={value!r} as TOML")
-
-
-def _toml_string(text: str) -> str:
-    """A TOML basic string with the escapes TOML requires."""
-    out = []
-    for char in text:
-        if char == "\\":
-            out.append("\\\\")
-        elif char == '"':
-            out.append('\\"')
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append(f"\\u{ord(char):04x}")
-        else:
-            out.append(char)
-    return '"' + "".join(out) + '"'
+    try:
+        return tomlio.toml_value(value, key)
+    except ValueError as error:  # a non-finite float
+        raise UserInputError(f"config: {error}") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -281,8 +256,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise UserInputError(f"--set {text!r}: expected key=value")
     key, raw = (part.strip() for part in text.split("=", 1))
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+        value = tomlio.loads(f"v = {raw}")["v"]
+    except tomlio.TOMLDecodeError:
         value = raw  # bare words such as vgg or multiplicative
     return key, value
 
@@ -291,12 +266,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into a dict (UserInputError when missing or malformed)."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomlio.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserInputError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as error:
         raise UserInputError(f"config file {path} cannot be read: {error}") from None
-    except tomllib.TOMLDecodeError as error:
+    except tomlio.TOMLDecodeError as error:
         raise UserInputError(f"config file {path} is not valid TOML: {error}") from None
 
 
