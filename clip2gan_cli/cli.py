@@ -549,9 +549,9 @@ def train_command(
 @handle_errors
 def eval_fid_command(
     real: Optional[Path] = typer.Option(None, "--real", help="Folder of real images (its statistics are cached)."),
-    stats: Optional[Path] = typer.Option(None, "--stats", dir_okay=False,
+    stats: Optional[Path] = typer.Option(None, "--stats",
                                          help="Precomputed real statistics (npz: mu, sigma, mode) instead of --real."),
-    save_stats: Optional[Path] = typer.Option(None, "--save-stats", dir_okay=False,
+    save_stats: Optional[Path] = typer.Option(None, "--save-stats",
                                               help="Write the --real folder's statistics (npz) here."),
     fake: Optional[Path] = typer.Option(None, "--fake", help="Folder of generated images."),
     pack: Optional[str] = typer.Option(None, "--pack", help="Pack that generates (with --prompts) and whose CLIP "

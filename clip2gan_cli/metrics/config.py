@@ -77,6 +77,13 @@ def _validate_sources(config: EvalConfig) -> None:
             raise UserInputError(f"{flag} only applies with --prompts")
 
 
+def _is_clip_spec(spec: str) -> bool:
+    """MODEL:TAG / MODEL:FILE with both parts, a clip_config.json or a folder holding one."""
+    spec = spec.strip()
+    model, _, tag = spec.partition(":")
+    return bool(model and tag) or spec.endswith(".json") or (bool(spec) and Path(spec).expanduser().is_dir())
+
+
 def validate_config(config: EvalConfig) -> None:
     """UserInputError for contradictory or missing options (before any model is loaded)."""
     if config.features not in FEATURE_KINDS:
@@ -88,8 +95,9 @@ def validate_config(config: EvalConfig) -> None:
                              "the CLIP's own preprocessing")
     if config.prior is not None and config.prior not in GENERATION_PRIORS:
         raise UserInputError(f"unknown --prior '{config.prior}'", hint=f"expected {' or '.join(GENERATION_PRIORS)}")
-    if config.score_clip is not None and not config.score_clip.strip():
-        raise UserInputError("--score-clip is empty", hint="expected MODEL:TAG, MODEL:FILE or a clip_config.json")
+    if config.score_clip is not None and not _is_clip_spec(config.score_clip):
+        raise UserInputError(f"malformed --score-clip '{config.score_clip}'",
+                             hint="expected MODEL:TAG (e.g. ViT-B-32-quickgelu:openai), MODEL:FILE or a clip_config.json")
     _validate_sources(config)
     if config.images_per_prompt is not None and config.images_per_prompt < 1:
         raise UserInputError(f"-n must be at least 1, got {config.images_per_prompt}")

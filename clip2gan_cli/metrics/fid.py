@@ -60,6 +60,12 @@ def frechet_distance_from_statistics(stats_a: dict, stats_b: dict) -> float:
     """Frechet distance between two Gaussians, by torch-fidelity (`fid_statistics_to_metric`)."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
+    if any(stats_a[key].dtype != stats_b[key].dtype for key in ("mu", "sigma")):  # a file from another tool
+        stats_a, stats_b = ({key: stats[key].astype("float64") for key in ("mu", "sigma")}
+                            for stats in (stats_a, stats_b))
+    if stats_a["mu"].shape != stats_b["mu"].shape:
+        raise UserInputError(f"the statistics have {stats_a['mu'].shape[0]} dimensions, the features "
+                             f"{stats_b['mu'].shape[0]}: made by another feature extractor")
     return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID])
 
 

@@ -55,7 +55,7 @@ def load_statistics(path: str | os.PathLike) -> dict:
     if missing:
         raise UserInputError(f"statistics file {path} lacks {', '.join(missing)}",
                              hint="expected an npz with mu, sigma and mode (eval-fid --save-stats writes one)")
-    mu, sigma = loaded["mu"].astype(np.float64), loaded["sigma"].astype(np.float64)
+    mu, sigma = loaded["mu"], loaded["sigma"]
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or not np.isfinite(sigma).all():
         raise UserInputError(f"statistics file {path}: mu {mu.shape} and sigma {sigma.shape} do not form a Gaussian")
     result = {key: (value.item() if value.ndim == 0 else value) for key, value in loaded.items()}
