@@ -267,3 +267,20 @@ def test_dinov2_never_downloads_offline(cli_runner, folders, monkeypatch):
     real, fake = folders
     stderr = run_error(cli_runner, ["--real", real, "--fake", fake, "--features", "dinov2", "--device", "cpu", "-q"])
     assert "dinov2-vit-l-14" in stderr and "CLIP2GAN_OFFLINE" in stderr
+
+
+@pytest.mark.slow
+def test_fid_mode_is_reported_and_cached_apart(cli_runner, tmp_path, random_inception_weights, clip2gan_home):
+    real = write_noise_images(tmp_path / "real", 2, seed=0, size=24)
+    fake = write_noise_images(tmp_path / "fake", 2, seed=1, size=24)
+    common = ["eval-fid", "--real", real, "--fake", fake, "--inception-weights", random_inception_weights,
+              "--device", "cpu", "-q", "--json"]
+    legacy, clean = (cli_runner(common + ["--fid-mode", mode]) for mode in ("legacy", "clean"))
+    assert legacy.exit_code == 0 and clean.exit_code == 0, legacy.output + clean.output
+    legacy_report, clean_report = json.loads(legacy.stdout), json.loads(clean.stdout)
+    assert (legacy_report["fid_mode"], clean_report["fid_mode"]) == ("legacy", "clean")
+    assert "TF1" in legacy_report["resize"] and "clean-fid" in clean_report["resize"]
+    assert legacy_report["feature_weights_sha256"] == clean_report["feature_weights_sha256"]
+    assert legacy_report["fid"] != pytest.approx(clean_report["fid"], rel=1e-6)
+    assert clean_report["real_stats_cached"] is False  # the legacy entry is not reused
+    assert len(list((clip2gan_home / "stats").glob("*.npz"))) == 2

@@ -87,7 +87,7 @@ def _generated_set(config: EvalConfig, prompts: list[str], pack, space, warn: Ca
     from ..pipeline import generate
     from . import clip_score, diversity, images
 
-    scorer, report = _scoring_clip(config, pack, space.device if hasattr(space, "device") else "cpu", warn)
+    scorer, report = _scoring_clip(config, pack, pack.device, warn)
     n, ranked = config.images_per_prompt, len(prompts) >= 2
     features, scores, hits, diversity_sample = [], [], [], []
     with tqdm(total=len(prompts) * n, desc="generating", unit="img", file=sys.stderr,
