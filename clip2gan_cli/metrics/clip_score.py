@@ -4,6 +4,10 @@ The usual convention (Hessel et al. 2021 with w = 100, as torchmetrics' `CLIPSco
 score(image, prompt) = 100 * max(cos(E_I(image), E_T(prompt)), 0); a set's score is the mean over
 all its images. Images are scored exactly as they would be saved (quantised to 8 bits), so a
 score computed on the fly equals one computed from the written PNGs.
+
+R-precision: the share of generated images whose own prompt is the scoring CLIP's strict best
+match among the evaluated prompt set (chance: 1 / number of prompts). Both are biased upward
+when the scoring CLIP is the one that conditions the generator; `evaluate` says which it is.
 """
 from __future__ import annotations
 
