@@ -67,8 +67,9 @@ def check_statistics_match(stats: dict, space: FeatureSpace, path: str | os.Path
     """UserInputError when the statistics were made in another mode, feature kind, extractor or dimension."""
     mode = space_mode(space)
     if stats["mode"] != mode:
+        hint = "use --features clip" if stats["mode"] == NO_MODE else f"use --fid-mode {stats['mode']}"
         raise UserInputError(f"statistics file {path} was made in mode {stats['mode']}; this run uses {mode}",
-                             hint=f"use --fid-mode {stats['mode']}, or statistics made in {mode}")
+                             hint=f"{hint}, or statistics made in {mode}")
     for key, ours in (("features", space.name), ("feature_weights_sha256", space.weights_sha256)):
         if key in stats and str(stats[key]) != ours:
             raise UserInputError(f"statistics file {path} has {key} {str(stats[key])[:16]}; this run uses {ours[:16]}")
