@@ -548,22 +548,28 @@ def train_command(
 @app.command("eval-fid")
 @handle_errors
 def eval_fid_command(
-    real: Path = typer.Option(..., "--real", help="Folder of real images (its statistics are cached)."),
+    real: Optional[Path] = typer.Option(None, "--real", help="Folder of real images (its statistics are cached)."),
+    stats: Optional[Path] = typer.Option(None, "--stats",
+                                         help="Precomputed real statistics (npz: mu, sigma, mode) instead of --real."),
+    save_stats: Optional[Path] = typer.Option(None, "--save-stats",
+                                              help="Write the --real folder's statistics (npz) here."),
     fake: Optional[Path] = typer.Option(None, "--fake", help="Folder of generated images."),
-    pack: Optional[str] = typer.Option(None, "--pack",
-                                       help="Pack that generates (with --prompts) and whose CLIP --features clip uses "
-                                            "(default: shapes)."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts",
-                                           help="Text file, one prompt per line: generate the fake set on the fly."),
+    pack: Optional[str] = typer.Option(None, "--pack", help="Pack that generates (with --prompts) and whose CLIP "
+                                                            "--features clip uses (default: shapes)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file, one per line: generate on the fly."),
     n: Optional[int] = typer.Option(None, "-n", help="Images generated per prompt (with --prompts)."),
-    features: str = typer.Option("inception", "--features",
-                                 help="inception (FID, torch-fidelity's Inception) | clip (FD_CLIP, the pack's CLIP)."),
+    prior: Optional[str] = typer.Option(None, "--prior", help="text | retrieval (default: the mapper's)."),
+    features: str = typer.Option("inception", "--features", help="inception (FID) | dinov2 (FD_DINOv2, ViT-L/14) | "
+                                                                 "clip (FD_CLIP, the pack's CLIP; offline)."),
+    fid_mode: str = typer.Option("legacy", "--fid-mode", help="legacy (NVIDIA/torch-fidelity: TF1 bilinear) | "
+                                                              "clean (clean-fid: PIL bicubic)."),
+    score_clip: Optional[str] = typer.Option(None, "--score-clip", help="CLIP that scores prompts, MODEL:TAG "
+                                                                        "(default: the pack's, biased upward)."),
     kid: bool = typer.Option(False, "--kid", help="Also compute KID (each set needs >= --kid-subset-size images)."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="Images per KID subset."),
     kid_subsets: int = typer.Option(100, "--kid-subsets", help="Number of KID subsets."),
-    inception_weights: Optional[Path] = typer.Option(
-        None, "--inception-weights", dir_okay=False,
-        help="Local torch-fidelity Inception .pth to use instead of the registry's inception-fid."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", dir_okay=False,
+                                                     help="Local torch-fidelity Inception .pth instead of the registry's."),
     report: Optional[Path] = typer.Option(None, "--report", dir_okay=False, help="Also write the JSON report here."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the real folder's statistics."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -573,15 +579,9 @@ def eval_fid_command(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per feature-extractor / generator call."),
     seed: int = typer.Option(0, "--seed", help="Seed of the generation noise and of the KID subsets."),
 ) -> None:
-    """FID (and KID, CLIP score, diversity) of generated images against a folder of real images.
+    """FID / FD_DINOv2 / FD_CLIP, precision/recall (k=3), KID, CLIP score, R-precision and diversity.
 
-    FID needs at least 2 images per set, KID at least --kid-subset-size; unreadable files are skipped and counted.
-
-    Any image size: the extractor resizes (Inception: bilinear to 299x299; CLIP: centre crop, bicubic).
-
-    Real-folder statistics are cached by content in $CLIP2GAN_HOME/stats.
-
-    --prompts adds clip_score and diversity_lpips (diversity_l1 when LPIPS weights are unavailable offline).
+    Every report names the mode, resize, extractor weights' sha256 and image counts. See docs/metrics.md.
     """
     import json
 
@@ -589,11 +589,11 @@ def eval_fid_command(
 
     from .metrics import EvalConfig, evaluate, report_table, write_report
 
-    config = EvalConfig(real=real, fake=fake, pack=pack, prompts=prompts, images_per_prompt=n,
-                        features=features.lower(), kid=kid, kid_subset_size=kid_subset_size,
-                        kid_subsets=kid_subsets, inception_weights=inception_weights, device=device,
-                        backend=backend, batch_size=batch_size, seed=seed, cache=not no_cache,
-                        progress=not quiet)
+    config = EvalConfig(real=real, stats=stats, save_stats=save_stats, fake=fake, pack=pack, prompts=prompts,
+                        images_per_prompt=n, prior=prior, features=features.lower(), fid_mode=fid_mode.lower(),
+                        score_clip=score_clip, kid=kid, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
+                        inception_weights=inception_weights, device=device, backend=backend, batch_size=batch_size,
+                        seed=seed, cache=not no_cache, progress=not quiet)
     result = evaluate(config, warn=err)
     if report is not None:
         write_report(result, report)

@@ -176,3 +176,110 @@ def test_empty_prompts_file_is_refused(cli_runner, folders, tmp_path):
     real, _ = folders
     (tmp_path / "p.txt").write_text("\n# only a comment\n")
     assert "holds no prompt" in run_error(cli_runner, ["--real", real, "--prompts", tmp_path / "p.txt", "-n", "2"])
+
+
+# --------------------------------------------------------------------------- issue 15: new flags
+
+
+def test_save_stats_then_stats_gives_the_same_distance(cli_runner, folders, tiny_pack_files, tmp_path):
+    real, fake = folders
+    saved = tmp_path / "stats" / "real.npz"
+    made = cli_runner(["eval-fid", "--real", real, "--save-stats", saved, *clip_args(tiny_pack_files), "--json"])
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout)["n_real"] == 6 and saved.is_file()
+    direct = json.loads(cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files),
+                                    "--json"]).stdout)
+    result = cli_runner(["eval-fid", "--stats", saved, "--fake", fake, *clip_args(tiny_pack_files), "--json"])
+    assert result.exit_code == 0, result.output
+    from_file = json.loads(result.stdout)
+    assert from_file["fid"] == pytest.approx(direct["fid"], rel=1e-9)
+    assert from_file["stats_file"] == str(saved) and from_file["n_real"] == 6
+    assert "precision" in direct and "precision" not in from_file  # P/R need the real features
+    assert "precision/recall need --real DIR" in result.stderr
+
+
+def test_report_names_mode_resize_weights_and_counts(cli_runner, folders, tiny_pack_files):
+    real, fake = folders
+    report = json.loads(cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files),
+                                    "--json"]).stdout)
+    assert {"fid_mode", "resize", "feature_weights_sha256", "n_real", "n_fake", "precision", "recall", "seed"} \
+        <= set(report)
+    assert report["fid_mode"] is None and "CLIP's own preprocessing" in report["resize"]
+    assert report["fd_name"] == "FD_CLIP" and report["prc_k"] == 3
+
+
+def test_score_clip_separate_from_the_packs_and_r_precision(cli_runner, folders, tiny_pack_files, tmp_path,
+                                                            monkeypatch):
+    from tiny_models import make_tiny_pack
+
+    monkeypatch.setenv("CLIP2GAN_OFFLINE", "1")
+    real, _ = folders
+    other = make_tiny_pack(tmp_path / "other_clip", seed=1, with_mapper=False)
+    prompts = write_prompts(tmp_path / "prompts.txt", "a red circle", "a blue square", "a green triangle")
+    common = ["eval-fid", "--real", real, "--prompts", prompts, "-n", "2", *clip_args(tiny_pack_files), "--json"]
+    own = cli_runner(common)
+    separate = cli_runner(common + ["--score-clip", str(other.clip_config)])
+    assert own.exit_code == 0 and separate.exit_code == 0, own.output + separate.output
+    own_report, separate_report = json.loads(own.stdout), json.loads(separate.stdout)
+    assert own_report["score_clip_is_generator_clip"] is True and "biased upward" in own.stderr
+    assert separate_report["score_clip_is_generator_clip"] is False and "biased upward" not in separate.stderr
+    assert separate_report["clip_score"] != own_report["clip_score"]
+    assert own_report["fid"] == separate_report["fid"]  # the scoring CLIP changes only the prompt metrics
+    for report in (own_report, separate_report):
+        assert 0 <= report["r_precision"] <= 1 and report["r_precision_chance"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fid-mode", "tf2"], "unknown --fid-mode 'tf2'"),
+    (["--fid-mode", "clean"], "--fid-mode clean applies to inception and dinov2"),
+    (["--score-clip", "nocolon"], "malformed --score-clip 'nocolon'"),
+    (["--prior", "dream"], "unknown --prior 'dream'"),
+    (["--prior", "text"], "--prior only applies with --prompts"),
+    (["--features", "vgg"], "unknown --features 'vgg'"),
+])
+def test_new_flags_bad_values_give_one_line(cli_runner, folders, tiny_pack_files, extra, message):
+    real, fake = folders
+    assert message in run_error(cli_runner, ["--real", real, "--fake", fake, *clip_args(tiny_pack_files), *extra])
+
+
+def test_stats_file_errors_give_one_line(cli_runner, folders, tiny_pack_files, tmp_path):
+    import numpy as np
+
+    real, fake = folders
+    args = ["--fake", fake, *clip_args(tiny_pack_files)]
+    assert "does not exist" in run_error(cli_runner, ["--stats", tmp_path / "none.npz", *args])
+    assert "not both" in run_error(cli_runner, ["--real", real, "--stats", tmp_path / "none.npz", *args])
+    np.savez(tmp_path / "legacy.npz", mu=np.zeros(4), sigma=np.eye(4), mode="legacy")
+    assert "made in mode legacy; this run uses none" in run_error(cli_runner, ["--stats", tmp_path / "legacy.npz",
+                                                                              *args])
+    (tmp_path / "folder.npz").mkdir()
+    assert "is a folder" in run_error(cli_runner, ["--real", real, "--save-stats", tmp_path / "folder.npz",
+                                                   *clip_args(tiny_pack_files)])
+    assert "--save-stats needs --real" in run_error(cli_runner, ["--stats", tmp_path / "legacy.npz", "--save-stats",
+                                                                 tmp_path / "x.npz", *args])
+    assert "--kid needs the real images" in run_error(cli_runner, ["--stats", tmp_path / "legacy.npz", "--kid",
+                                                                   *args])
+
+
+def test_dinov2_never_downloads_offline(cli_runner, folders, monkeypatch):
+    monkeypatch.setenv("CLIP2GAN_OFFLINE", "1")
+    real, fake = folders
+    stderr = run_error(cli_runner, ["--real", real, "--fake", fake, "--features", "dinov2", "--device", "cpu", "-q"])
+    assert "dinov2-vit-l-14" in stderr and "CLIP2GAN_OFFLINE" in stderr
+
+
+@pytest.mark.slow
+def test_fid_mode_is_reported_and_cached_apart(cli_runner, tmp_path, random_inception_weights, clip2gan_home):
+    real = write_noise_images(tmp_path / "real", 2, seed=0, size=24)
+    fake = write_noise_images(tmp_path / "fake", 2, seed=1, size=24)
+    common = ["eval-fid", "--real", real, "--fake", fake, "--inception-weights", random_inception_weights,
+              "--device", "cpu", "-q", "--json"]
+    legacy, clean = (cli_runner(common + ["--fid-mode", mode]) for mode in ("legacy", "clean"))
+    assert legacy.exit_code == 0 and clean.exit_code == 0, legacy.output + clean.output
+    legacy_report, clean_report = json.loads(legacy.stdout), json.loads(clean.stdout)
+    assert (legacy_report["fid_mode"], clean_report["fid_mode"]) == ("legacy", "clean")
+    assert "TF1" in legacy_report["resize"] and "clean-fid" in clean_report["resize"]
+    assert legacy_report["feature_weights_sha256"] == clean_report["feature_weights_sha256"]
+    assert legacy_report["fid"] != pytest.approx(clean_report["fid"], rel=1e-6)
+    assert clean_report["real_stats_cached"] is False  # the legacy entry is not reused
+    assert len(list((clip2gan_home / "stats").glob("*.npz"))) == 2

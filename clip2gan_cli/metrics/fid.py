@@ -1,229 +1,43 @@
-"""FID and KID with torch-fidelity, in Inception or CLIP feature space.
+"""FID, KID and the real-folder cache, with torch-fidelity's statistics in any feature space.
 
 torch-fidelity does the statistics (`fid_features_to_statistics`, `fid_statistics_to_metric`,
-`kid_features_to_metric`) and, for `--features inception`, the feature extraction too (its
-`inception-v3-compat` extractor, loaded from the registry's local `inception-fid` file, never
-downloaded by torch-fidelity itself). This module adds what torch-fidelity's folder input
-lacks: images of mixed sizes, unreadable files skipped with a count, a CLIP feature space
-(FD_CLIP, Kynkaanniemi et al. 2023) and a content-hash cache of a real folder's features.
+`kid_features_to_metric`); the feature spaces (`feature_spaces`: Inception and DINOv2 through
+torch-fidelity's extractors, the pack's CLIP for FD_CLIP, Kynkaanniemi et al. 2023) say how an
+image becomes a vector and under which resize convention (`fid_mode`). This module adds what
+torch-fidelity's folder input lacks: images of mixed sizes, unreadable files skipped with a count,
+and a content-hash cache of a real folder's features whose key holds the feature space, its
+weights' hash, the fid mode, the resize and the file count, so two conventions never share an entry.
 
-How images reach an extractor (the same for real and fake sets, so sizes never bias a metric):
-each file is read by `imageio.read_image` as 8-bit RGB (as torch-fidelity's folder input does;
-files it refuses: corrupt, not an image, under 16 px, decompression bombs, are skipped and
-counted). Images are batched with others of the same size and each batch is resized by the
-extractor itself to its input resolution, with the same resampling for every image:
-Inception uses torch-fidelity's TensorFlow-1.x compatible bilinear resize to 299x299 (a
-non-square image is stretched), CLIP uses the pack's `encode_image` preprocessing (centre square
-crop, antialiased bicubic resize). Features come back in sorted file-name order, whatever the
-batching, so KID's random subsets match torch-fidelity's.
-
-Minimum set sizes: FID needs at least 2 images per set (a covariance); KID needs at least
-`kid_subset_size` images per set (default 1000, as torch-fidelity and the KID paper use).
+Features come back in sorted file-name order, whatever the batching, so KID's random subsets
+match torch-fidelity's. Minimum set sizes: FID needs at least 2 images per set (a covariance);
+KID needs at least `kid_subset_size` images per set (default 1000, as torch-fidelity and the KID
+paper use).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from ..errors import CheckpointError, ImageError, UserInputError, WeightsNotFoundError, first_line
-from ..fileutil import atomic_path, sha256_file
+from ..errors import ImageError, UserInputError
+from ..fileutil import atomic_path, sha256_file  # noqa: F401 (sha256_file: re-exported for callers)
+from .feature_spaces import (FID_MODES, INCEPTION_FEATURE_LAYER, ClipFeatureSpace, DinoV2FeatureSpace,  # noqa: F401
+                             FeatureSpace, InceptionFeatureSpace, extract_features, state_dict_sha256)
+from .images import IMAGE_EXTENSIONS, images_to_uint8, list_image_files, read_rgb_uint8  # noqa: F401
 
 if TYPE_CHECKING:  # torch is imported lazily (the CLI imports this module inside a command)
-    import numpy as np
     import torch
 
-# File extensions read from a folder (lower-cased suffix, without the dot).
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
 # FID needs a covariance: at least two images per set.
 MIN_IMAGES_FID = 2
 # KID defaults of torch-fidelity (and of Binkowski et al. 2018).
 DEFAULT_KID_SUBSETS = 100
 DEFAULT_KID_SUBSET_SIZE = 1000
-# Bump when the cached file layout or the way features are computed changes.
-STATS_CACHE_VERSION = 1
-# torch-fidelity's Inception layer used for FID and KID (pool3, 2048-d).
-INCEPTION_FEATURE_LAYER = "2048"
-
-
-# --------------------------------------------------------------------------- images
-
-
-def list_image_files(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside `folder` (not recursive), sorted by name.
-
-    Raises UserInputError when the folder is missing, not a folder, or holds no image file.
-    """
-    directory = Path(folder)
-    if not directory.exists():
-        raise UserInputError(f"image folder {directory} does not exist")
-    if not directory.is_dir():
-        raise UserInputError(f"{directory} is not a folder")
-    files = sorted(
-        (path for path in directory.iterdir()
-         if path.is_file() and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS),
-        key=lambda path: path.name,
-    )
-    if not files:
-        raise UserInputError(f"image folder {directory} holds no images",
-                             hint=f"expected files ending in {', '.join('.' + e for e in IMAGE_EXTENSIONS)}")
-    return files
-
-
-def read_rgb_uint8(path: str | os.PathLike) -> "torch.Tensor":
-    """One image file as a uint8 tensor [3, H, W] via the project's safe reader (ImageError if unreadable)."""
-    import numpy as np
-    import torch
-
-    from ..imageio import read_image
-
-    array = np.asarray(read_image(path), dtype=np.uint8)  # [H, W, 3], 8-bit RGB
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-def images_to_uint8(images: "torch.Tensor") -> "torch.Tensor":
-    """Quantise generator output in [-1, 1] to uint8 exactly as a saved PNG would hold it."""
-    import torch
-
-    from ..imageio import to_uint8
-
-    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()
-
-
-# --------------------------------------------------------------------------- feature spaces
-
-
-class FeatureSpace:
-    """An image -> feature-vector map: uint8 RGB batches [N, 3, H, W] in, float32 [N, D] out.
-
-    `name` is the `--features` kind; `description` names the exact model and layer; both and
-    `weights_sha256` (the exact weights) go into the real-folder cache key.
-    """
-
-    name: str = ""
-    description: str = ""
-    weights_sha256: str = ""
-
-    def extract(self, batch_uint8: "torch.Tensor") -> "torch.Tensor":
-        raise NotImplementedError
-
-
-@contextlib.contextmanager
-def _torch_fidelity_cannot_download() -> Iterator[None]:
-    """Make torch-fidelity's Inception loader fail instead of downloading (belt and braces)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
-
-    def refuse(url, *args, **kwargs):
-        raise WeightsNotFoundError(f"torch-fidelity tried to download {url}; clip2gan passes weights locally")
-
-    original = inception_module.load_state_dict_from_url
-    inception_module.load_state_dict_from_url = refuse
-    try:
-        yield
-    finally:
-        inception_module.load_state_dict_from_url = original
-
-
-
-
-class InceptionFeatureSpace(FeatureSpace):
-    """torch-fidelity's `inception-v3-compat` extractor (pool3, 2048-d) with local weights."""
-
-    name = "inception"
-    description = f"torch-fidelity inception-v3-compat, layer {INCEPTION_FEATURE_LAYER}"
-
-    def __init__(self, weights_path: str | os.PathLike, device: "torch.device | str" = "cpu",
-                 weights_sha256: str | None = None):
-        import torch
-        from torch_fidelity.utils import create_feature_extractor
-
-        from ..device import place_model
-
-        weights_path = Path(weights_path)
-        if not weights_path.is_file():
-            raise WeightsNotFoundError(f"Inception weights file {weights_path} does not exist",
-                                       hint="clip2gan download-weights inception-fid")
-        # torch-fidelity unpickles with weights_only=False; check the file holds only tensors first.
-        try:
-            torch.load(weights_path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise CheckpointError(f"Inception weights {weights_path} are not a plain state dict; nothing was "
-                                  f"executed ({first_line(error, 160)})") from error
-        with _torch_fidelity_cannot_download():
-            extractor = create_feature_extractor(
-                "inception-v3-compat", [INCEPTION_FEATURE_LAYER], cuda=False,
-                feature_extractor_weights_path=str(weights_path), verbose=False)
-        self.device = torch.device(device)
-        self.extractor = place_model(extractor, self.device)
-        self.weights_sha256 = weights_sha256 or sha256_file(weights_path)
-
-    def extract(self, batch_uint8: "torch.Tensor") -> "torch.Tensor":
-        import torch
-
-        with torch.no_grad():
-            (features,) = self.extractor(batch_uint8.to(self.device))
-        return features.float().cpu()
-
-
-class ClipFeatureSpace(FeatureSpace):
-    """The pack's CLIP image embedding (L2-normalised, as `ClipModel.encode_image` returns it).
-
-    The Frechet distance in this space is FD_CLIP (Kynkaanniemi et al. 2023).
-    """
-
-    name = "clip"
-
-    def __init__(self, clip_model, weights_sha256: str, device: "torch.device | str" = "cpu"):
-        import torch
-
-        self.clip = clip_model
-        self.device = torch.device(device)
-        self.weights_sha256 = weights_sha256
-        self.description = (f"{getattr(clip_model, 'name', 'clip')} image embedding "
-                            f"(L2-normalised, {getattr(clip_model, 'image_size', '?')} px input)")
-
-    def extract(self, batch_uint8: "torch.Tensor") -> "torch.Tensor":
-        import torch
-
-        images = batch_uint8.to(self.device).float() / 127.5 - 1.0  # uint8 -> [-1, 1] (encode_image's range)
-        with torch.no_grad():
-            features = self.clip.encode_image(images)
-        return features.float().cpu()
-
-
-def state_dict_sha256(module) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes and bytes): identifies its weights."""
-    import torch
-
-    digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def extract_features(images: Sequence["torch.Tensor"], space: FeatureSpace, batch_size: int = 32) -> "torch.Tensor":
-    """Features [N, D] of uint8 images [3, H, W], in input order; same-size images share batches."""
-    import torch
-
-    if batch_size < 1:
-        raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
-    indices_by_size: dict[tuple, list[int]] = {}
-    for index, image in enumerate(images):
-        indices_by_size.setdefault(tuple(image.shape), []).append(index)
-    rows: list = [None] * len(images)
-    for indices in indices_by_size.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            features = space.extract(torch.stack([images[i] for i in chunk]))
-            for row, index in zip(features, chunk):
-                rows[index] = row
-    return torch.stack(rows) if rows else torch.zeros(0, 0)
+# Bump when the cached file layout or the way features are computed changes (2: fid mode and resize in the key).
+STATS_CACHE_VERSION = 2
 
 
 # --------------------------------------------------------------------------- statistics (torch-fidelity)
@@ -246,6 +60,12 @@ def frechet_distance_from_statistics(stats_a: dict, stats_b: dict) -> float:
     """Frechet distance between two Gaussians, by torch-fidelity (`fid_statistics_to_metric`)."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
+    if any(stats_a[key].dtype != stats_b[key].dtype for key in ("mu", "sigma")):  # a file from another tool
+        stats_a, stats_b = ({key: stats[key].astype("float64") for key in ("mu", "sigma")}
+                            for stats in (stats_a, stats_b))
+    if stats_a["mu"].shape != stats_b["mu"].shape:
+        raise UserInputError(f"the statistics have {stats_a['mu'].shape[0]} dimensions, the features "
+                             f"{stats_b['mu'].shape[0]}: made by another feature extractor")
     return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID])
 
 
@@ -291,12 +111,13 @@ class FolderFeatures:
 
 
 def folder_content_hash(files: Sequence[Path], space: FeatureSpace, progress: bool = False) -> str:
-    """sha256 over sorted file names and bytes, the feature space (kind, model) and its weights' hash."""
+    """sha256 over sorted file names and bytes, the file count, the feature space (kind, model), its
+    weights' hash, its fid mode and its resize: one convention's statistics never answer another's."""
     from tqdm import tqdm
 
     digest = hashlib.sha256()
     digest.update(f"clip2gan-stats-v{STATS_CACHE_VERSION}|{space.name}|{space.description}|"
-                  f"{space.weights_sha256}|".encode())
+                  f"{space.weights_sha256}|mode={space.fid_mode}|resize={space.resize}|n={len(files)}|".encode())
     for path in tqdm(sorted(files, key=lambda p: p.name), desc="hashing", unit="file", file=sys.stderr,
                      disable=not progress, leave=False):
         digest.update(f"{path.name}|{path.stat().st_size}|".encode())
