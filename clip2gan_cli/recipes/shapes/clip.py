@@ -7,7 +7,7 @@ targets (every image consistent with the caption is a positive) instead of the i
 
 Resumable: `<workdir>/clip_ckpt.pt` is written every 200 steps; running again continues, drawing
 exactly the batches an uninterrupted run would (each step's RNG is seeded from (seed, step)).
-Usage: python scripts/shapes_clip.py --workdir work_shapes --steps 1200
+Usage: python -m clip2gan_cli.recipes.shapes.clip --workdir work_shapes --steps 1200
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip2gan_cli.fileutil import atomic_path  # noqa: E402
-from clip2gan_cli.packs.shapes import data  # noqa: E402
-from clip2gan_cli.tokenizer import VocabTokenizer  # noqa: E402
+from ...fileutil import atomic_path
+from ...packs.shapes import data
+from ...tokenizer import VocabTokenizer
 
 MODEL_NAME = "clip2gan-shapes-vit-p4"
 CONTEXT_LENGTH = 16

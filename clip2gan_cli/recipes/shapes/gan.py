@@ -1,7 +1,7 @@
 """Train the shapes pack's StyleGAN2 (the project's own networks) on the procedural domain.
 
-Plain adversarial training from scratch did not converge on 2 CPU cores within ~165k images
-(issue 7). This recipe gives the generator its structure first and lets the GAN refine it:
+Plain adversarial training from scratch did not converge on 2 CPU cores (docs/shapes_pack.md).
+This recipe gives the generator its structure first and lets the GAN refine it:
 
 1. decoder: an attribute encoder E (one-hot attributes + Fourier position -> w) and the
    synthesis network are trained together to render `data.render(attrs)` from `E(attrs)`
@@ -21,7 +21,7 @@ Everything is resumable: `<workdir>/gan_ckpt.pt` (every `save_every` steps) reco
 its progress; `<workdir>/gan_log.jsonl` gets one quality line per evaluation and `gan_grid_*.png`
 sample grids. Usage:
 
-    python scripts/shapes_gan.py --workdir work_shapes --decoder-steps 5500 --mapping-steps 13000 \
+    python -m clip2gan_cli.recipes.shapes.gan --workdir work_shapes --decoder-steps 5500 --mapping-steps 13000 \
         --adversarial-steps 1500
 """
 from __future__ import annotations
@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,13 +38,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from clip2gan_cli.fileutil import atomic_path  # noqa: E402
-from clip2gan_cli.packs.shapes import data  # noqa: E402
-from clip2gan_cli.stylegan2.networks import build_discriminator, build_generator  # noqa: E402
+from ...fileutil import atomic_path
+from ...packs.shapes import data
+from ...stylegan2.convert import estimate_w_avg, load_discriminator, load_generator, save_discriminator, save_generator
+from ...stylegan2.networks import build_discriminator, build_generator
+from ...train.trainer import update_ema
+from .checker import HEADS, load_or_train_checker
 
 STAGES = ("decoder", "mapping", "adversarial")
+W_AVG_SAMPLES, W_AVG_SEED = 4096, 99  # the truncation centre every exported generator carries
 ADVERSARIAL_TRAINS = ("all", "mapping", "synthesis", "discriminator")
 
 
@@ -99,7 +100,7 @@ class GanRecipe:
 
 
 def normalize_z(z: torch.Tensor) -> torch.Tensor:
-    """The mapping network's own input normalisation (normalize_2nd_moment)."""
+    """The mapping network's own input normalisation (normalize_2nd_moment in MappingNetwork.forward)."""
     return z * (z.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
 
 
@@ -243,8 +244,6 @@ class ShapesGanTrainer:
 
     def load_pack_files(self, pack_dir: Path) -> None:
         """Start from a pack's generator.safetensors and discriminator.safetensors (G, G_ema and D)."""
-        from clip2gan_cli.stylegan2.convert import load_discriminator, load_generator
-
         generator = load_generator(pack_dir / "generator.safetensors", device="cpu", backend="reference")
         self.G.load_state_dict(generator.state_dict())
         self.G_ema.load_state_dict(generator.state_dict())
@@ -363,13 +362,14 @@ class ShapesGanTrainer:
             self.opt_d.step()
         return {"d": d_loss.item(), "r1": r1.item()}
 
-    @torch.no_grad()
     def _update_ema(self) -> None:
+        update_ema(self.G_ema, self.G, self.ema_decay())
+
+    def ema_decay(self) -> float:
+        """Per-step EMA decay of the recipe's half-life in images, rounded to float32 (the weights' precision:
+        1 - decay is then exact, as in the lerp the shipped weights were made with)."""
         beta = 0.5 ** (self.recipe.batch / self.recipe.ema_half_life_images)
-        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
-            p_ema.copy_(p.lerp(p_ema, beta))
-        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
-            b_ema.copy_(b)
+        return float(torch.tensor(beta, dtype=torch.float32))
 
     @torch.no_grad()
     def _sync_ema(self) -> None:
@@ -377,8 +377,7 @@ class ShapesGanTrainer:
 
     @torch.no_grad()
     def _set_w_avg(self, G) -> None:
-        z = torch.randn(4096, self.recipe.z_dim, generator=torch.Generator().manual_seed(99))
-        G.mapping.w_avg.copy_(G.mapping(z)[:, 0].mean(0))
+        estimate_w_avg(G, samples=W_AVG_SAMPLES, seed=W_AVG_SEED)
 
     # --- evaluation ---
     @torch.no_grad()
@@ -388,8 +387,6 @@ class ShapesGanTrainer:
         via_encoder: render synthesis(E(attrs(z))) instead of G_ema(z) (the decoder stage, before
         the mapping network has learnt the code).
         """
-        from shapes_checker import HEADS, load_or_train_checker
-
         z = torch.randn(n, self.recipe.z_dim, generator=torch.Generator().manual_seed(4321))
         self.G_ema.eval()
         if via_encoder:
@@ -481,8 +478,6 @@ class ShapesGanTrainer:
 
     def export(self, out_dir: Path) -> tuple[Path, Path]:
         """Write the EMA generator and the discriminator with the project's safetensors writers."""
-        from clip2gan_cli.stylegan2.convert import save_discriminator, save_generator
-
         out_dir.mkdir(parents=True, exist_ok=True)
         self._set_w_avg(self.G_ema)
         meta = {"recipe": asdict(self.recipe), "progress": self.progress}
