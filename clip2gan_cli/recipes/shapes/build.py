@@ -40,7 +40,7 @@ from ...fileutil import atomic_path
 from ...mapper import load_mapper, save_mapper
 from ...packs.shapes import PACK_DIR, data
 from ...pipeline import parse_layers
-from ...train.checkpoints import checkpoint_paths
+from ...train.checkpoints import checkpoint_paths, sort_safetensors_header
 from . import gan
 
 STAGES = ("clip", "checker", "gan", "export", "mapper", "sharpen")
@@ -219,8 +219,8 @@ def save_with_usage_defaults(mapper, args) -> None:
         edit_direction=args.mapper_edit_direction, edit_layers=parse_layers(args.mapper_edit_layers),
         edit_beta=args.mapper_edit_beta, edit_neutral=None if args.mapper_edit_neutral == "none" else "auto",
         edit_contrast_sets=data.contrast_sets())
-    readable_by_all(save_mapper(mapper, args.pack_dir / "mapper.safetensors",
-                                metadata={"clip2gan.source.pack": "shapes"}))
+    path = save_mapper(mapper, args.pack_dir / "mapper.safetensors", metadata={"clip2gan.source.pack": "shapes"})
+    readable_by_all(sort_safetensors_header(path))  # same weights, same bytes
 
 
 def mapper_run_finished(run_dir: Path, steps: int) -> bool:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ...fileutil import atomic_path
 from ...packs.shapes import data
 from ...tokenizer import VocabTokenizer
+from ...train.checkpoints import sort_safetensors_header
 
 MODEL_NAME = "clip2gan-shapes-vit-p4"
 CONTEXT_LENGTH = 16
@@ -123,6 +124,7 @@ def export_clip(model, tokenizer: VocabTokenizer, out_dir: Path) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out_dir / "clip.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "model_name": MODEL_NAME})
+    sort_safetensors_header(out_dir / "clip.safetensors")  # same weights, same bytes
     with atomic_path(out_dir / "clip_config.json") as tmp:
         Path(tmp).write_text(json.dumps(pack_clip_config(tokenizer), indent=2) + "\n")
 

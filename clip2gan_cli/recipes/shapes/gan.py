@@ -42,6 +42,7 @@ from ...fileutil import atomic_path
 from ...packs.shapes import data
 from ...stylegan2.convert import estimate_w_avg, load_discriminator, load_generator, save_discriminator, save_generator
 from ...stylegan2.networks import build_discriminator, build_generator
+from ...train.checkpoints import sort_safetensors_header
 from ...train.trainer import update_ema
 from .checker import HEADS, load_or_train_checker
 
@@ -483,7 +484,7 @@ class ShapesGanTrainer:
         meta = {"recipe": asdict(self.recipe), "progress": self.progress}
         g_path = save_generator(self.G_ema, out_dir / "generator.safetensors", extra_metadata=meta)
         d_path = save_discriminator(self.D, out_dir / "discriminator.safetensors", extra_metadata=meta)
-        return g_path, d_path
+        return sort_safetensors_header(g_path), sort_safetensors_header(d_path)  # same weights, same header bytes
 
 
 def main(argv=None) -> None:
