@@ -134,6 +134,29 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (1 << 31)
 
 
+def train_step(model, optimizer, tokenizer: VocabTokenizer, step: int, steps: int, batch: int, lr: float,
+               seed: int) -> torch.Tensor:
+    """One contrastive step on a fresh batch drawn from (seed, step), warm-up then cosine learning rate."""
+    rng = np.random.default_rng(step_seed(seed, step))
+    torch.manual_seed(step_seed(seed, step))
+    warm = min(1.0, (step + 1) / 100)
+    progress = step / steps
+    for group in optimizer.param_groups:
+        group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    images, attributes = data.sample(batch, seed=int(rng.integers(1 << 31)))
+    captions = [data.caption(a, rng) for a in attributes]
+    x = images_to_clip_input(images)
+    x = x + 0.06 * torch.randn_like(x)  # robustness to GAN pixel noise
+    image_features = F.normalize(model.encode_image(x), dim=-1)
+    text_features = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+    loss = soft_contrastive_loss(image_features, text_features, model.logit_scale.exp().clamp(max=100),
+                                 caption_match_matrix(attributes, captions))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def train(workdir: Path, steps: int, batch: int, lr: float, seed: int, threads: int, save_every: int = 200) -> dict:
     """Train (or resume) for a step budget (cosine schedule over it); returns the final evaluation.
 
@@ -165,23 +188,7 @@ def train(workdir: Path, steps: int, batch: int, lr: float, seed: int, threads: 
     model.train()
     while state["step"] < steps:
         step = state["step"]
-        rng = np.random.default_rng(step_seed(seed, step))
-        torch.manual_seed(step_seed(seed, step))
-        warm = min(1.0, (step + 1) / 100)
-        progress = step / steps
-        for group in optimizer.param_groups:
-            group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-        images, attributes = data.sample(batch, seed=int(rng.integers(1 << 31)))
-        captions = [data.caption(a, rng) for a in attributes]
-        x = images_to_clip_input(images)
-        x = x + 0.06 * torch.randn_like(x)  # robustness to GAN pixel noise
-        image_features = F.normalize(model.encode_image(x), dim=-1)
-        text_features = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
-        loss = soft_contrastive_loss(image_features, text_features, model.logit_scale.exp().clamp(max=100),
-                                     caption_match_matrix(attributes, captions))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = train_step(model, optimizer, tokenizer, step, steps, batch, lr, seed)
         state["step"] = step + 1
         state["seconds"] = time.time() - start
         if state["step"] % 50 == 0:

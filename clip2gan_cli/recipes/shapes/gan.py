@@ -66,25 +66,22 @@ class GanRecipe:
     decoder_batch: int = 16  # a deterministic regression: more, smaller steps converge faster per image
     edge_weight: float = 2.0  # L1 on pixel differences: outlines are few pixels but all of the shape
     # The first decoder steps: plain L1 at batch 32 places colours and positions before the edge term
-    # sharpens outlines (the shipped decoder: 480 such steps; edge L1 from the start reached clean
-    # samples 0.63 after 7.5k steps, against 0.91 with this warm-up after 5.4k)
+    # sharpens outlines (measured: docs/shapes_pack.md)
     decoder_warmup_steps: int = 500
     decoder_warmup_batch: int = 32
     decoder_lr: float = 0.003
     mapping_lr: float = 0.001
     g_lr: float = 0.0005  # adversarial stage: the generator is already structured, so step gently
-    # D at 0.0025 won within ~600 steps (D loss 0.5, G loss 2.2) and dragged the synthesis off the decoder
-    d_lr: float = 0.001
+    d_lr: float = 0.001  # a faster D won and dragged the synthesis off the decoder
     r1_gamma: float = 1.0
     r1_interval: int = 16
     ema_half_life_images: float = 10_000.0
-    # L1 decoder anchor in the adversarial stage: at 1.0 the anchor loss drifted 0.10 -> 0.13 in 1.8k
-    # steps; at 10 it holds at 0.10 while D still sharpens (decoded clean samples 0.91 -> 0.96)
+    # L1 decoder anchor in the adversarial stage: holds the decoder's rendering while D still sharpens
     anchor_weight: float = 10.0
     # The anchor of a mapping-only adversarial stage: MSE between the mapping network's w and that of a
     # frozen copy taken when the stage began (a trust region), so D can sharpen the blends between
-    # attribute codes but not drag the code away (the unanchored mapping-only run: combinations covered
-    # 24 -> 20, D won). 0 = unanchored. Needs no attribute encoder: works from a pack's files alone.
+    # attribute codes but not drag the code away (unanchored, D won). 0 = unanchored. Needs no
+    # attribute encoder: works from a pack's files alone.
     mapping_anchor_weight: float = 0.0
     # What the adversarial stage trains: "all" (mapping + synthesis + E, with the anchor), "mapping"
     # (synthesis frozen: the pack's CLIP mapper, trained against this synthesis network, stays valid) or
