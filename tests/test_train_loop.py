@@ -404,3 +404,31 @@ def test_tensorboard_events_are_written_when_tensorboard_is_importable(tmp_path,
                  models=models_for(frozen, False), progress=False)
     assert written[0] == ("dir", str(tmp_path / "run" / "tensorboard"))
     assert ("loss/rec", 1) in written and ("loss/rec", 2) in written and written[-1] == ("closed", None)
+
+
+def test_an_enabled_gradient_scaler_trains_the_same_weights_and_resumes_with_its_state(tmp_path, frozen, monkeypatch):
+    """fp16's scaler path on the CPU (fp16 autocast itself needs CUDA): loss scaling by a power of two is
+    exact, so the mapper equals the unscaled run's; the scaler's state is checkpointed and restored."""
+    from contextlib import nullcontext
+
+    from clip2gan_cli.train import trainer
+
+    config = tiny_config(steps=2, checkpoint_every=1)
+    run_training(config, tmp_path / "plain", models=models_for(frozen), progress=False)
+    assert load_latest_checkpoint(tmp_path / "plain")["scaler"] is None  # fp32: nothing to save
+    monkeypatch.setattr(trainer, "precision",
+                        lambda name, device: (nullcontext(), torch.amp.GradScaler("cpu", enabled=True)))
+    run_training(config, tmp_path / "scaled", models=models_for(frozen), progress=False)
+    assert (tmp_path / "scaled" / "mapper.safetensors").read_bytes() == \
+        (tmp_path / "plain" / "mapper.safetensors").read_bytes()
+    assert load_latest_checkpoint(tmp_path / "scaled")["scaler"]["scale"] == 2.0 ** 16
+    run_training(tiny_config(steps=1, checkpoint_every=1), tmp_path / "halves", models=models_for(frozen),
+                 progress=False)
+    loaded = []
+    real_load = torch.amp.GradScaler.load_state_dict
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict",
+                        lambda self, state: (loaded.append(state), real_load(self, state))[1])
+    run_training(config, tmp_path / "halves", resume=True, models=models_for(frozen), progress=False)
+    assert [state["scale"] for state in loaded] == [2.0 ** 16]
+    assert (tmp_path / "halves" / "mapper.safetensors").read_bytes() == \
+        (tmp_path / "scaled" / "mapper.safetensors").read_bytes()
