@@ -1,6 +1,6 @@
 """End-to-end quality report of the builtin `shapes` pack, measured by an independent checker.
 
-The checker is a small CNN trained on `packs.shapes.data.sample()` (scripts/shapes_checker.py);
+The checker is a small CNN trained on `packs.shapes.data.sample()` (clip2gan_cli.recipes.shapes.checker);
 it never sees the pack's CLIP or generator. Sections:
 
   generate   every colour x shape prompt ("a red circle"), n images: colour / shape / joint accuracy,
@@ -20,7 +20,7 @@ it never sees the pack's CLIP or generator. Sections:
     python bench/shapes_quality.py                  # full report
     python bench/shapes_quality.py -n 8 --skip latency --json report.json --grid grid.png
     python bench/shapes_quality.py --pack-dir work_full/pack --skip latency   # a rebuild, before it ships
-Targets (issue 7): colour >= 90 %, shape >= 80 %, edit success >= 80 % with shape kept >= 80 %.
+Targets: colour >= 90 %, shape >= 80 %, edit success >= 80 % with shape kept >= 80 %.
 """
 from __future__ import annotations
 
@@ -37,11 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+from clip2gan_cli.packs.shapes import data
 
-from clip2gan_cli.packs.shapes import data  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 COLOR_NAMES, SIZE_NAMES = list(data.COLORS), list(data.SIZES)
 
@@ -289,7 +287,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from shapes_checker import checker_accuracy, load_or_train_checker
+    from clip2gan_cli.recipes.shapes.checker import checker_accuracy, load_or_train_checker
 
     from clip2gan_cli.packs import load_models, load_pack
 

@@ -10,7 +10,7 @@ from clip2gan_cli.errors import UserInputError
 from clip2gan_cli.packs.shapes import data
 
 
-def test_domain_meets_the_issue_minimums():
+def test_domain_has_at_least_four_shapes_six_colours_two_sizes_two_backgrounds():
     assert len(data.SHAPES) >= 4 and len(data.COLORS) >= 6
     assert len(data.SIZES) == 2 and len(data.BACKGROUNDS) >= 2
 

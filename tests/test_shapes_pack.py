@@ -3,7 +3,6 @@ and the shipped weights generate the requested colour and shape offline on the C
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,11 +14,9 @@ from clip2gan_cli.packs import shapes
 from clip2gan_cli.packs.shapes import data
 from clip2gan_cli.tokenizer import VocabTokenizer
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import shapes_clip  # noqa: E402
-import shapes_gan  # noqa: E402
+from clip2gan_cli.recipes.shapes import build as build_shapes_pack
+from clip2gan_cli.recipes.shapes import clip as shapes_clip
+from clip2gan_cli.recipes.shapes import gan as shapes_gan
 
 
 def test_caption_match_matrix_counts_every_consistent_image_as_a_positive():
@@ -265,8 +262,6 @@ def test_shipped_pack_edits_red_shapes_to_blue_with_its_defaults(cli_runner, tmp
 
 
 def test_build_state_accumulates_stage_time_and_resumes_done_stages(tmp_path):
-    import build_shapes_pack
-
     state = build_shapes_pack.BuildState(tmp_path / "build_state.json")
     state.record("clip", 12.5, done=False)
     state.record("clip", 7.5, done=True, zero_shot={"shape": 0.9})
@@ -277,8 +272,6 @@ def test_build_state_accumulates_stage_time_and_resumes_done_stages(tmp_path):
 
 def test_a_partial_build_keeps_the_recorded_times_of_the_stages_it_did_not_run(tmp_path):
     import json
-
-    import build_shapes_pack
 
     pack = tmp_path / "pack"
     pack.mkdir()
@@ -294,7 +287,6 @@ def test_a_partial_build_keeps_the_recorded_times_of_the_stages_it_did_not_run(t
 
 
 def test_text_feature_shift_of_the_build_moves_captions_toward_their_images(tmp_path):
-    import build_shapes_pack
     import torch.nn.functional as F
 
     from clip2gan_cli.mapper import Mapper
@@ -314,8 +306,6 @@ def test_text_feature_shift_of_the_build_moves_captions_toward_their_images(tmp_
 
 
 def test_build_skips_a_finished_mapper_run_only(tmp_path):
-    import build_shapes_pack
-
     run = tmp_path / "mapper_run"
     assert not build_shapes_pack.mapper_run_finished(run, 10)
     (run / "checkpoints").mkdir(parents=True)

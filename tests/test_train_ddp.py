@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-TESTS_DIR = Path(__file__).resolve().parent
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -24,11 +20,11 @@ def _worker(rank: int, world_size: int, port: int, base: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
-    sys.path.insert(0, str(TESTS_DIR))
+    # spawned processes start with the parent's sys.path, which holds this tests folder (pytest's rootdir import)
     from tiny_models import make_tiny_clip, make_tiny_discriminator, make_tiny_generator
 
     from clip2gan_cli.train.config import TrainConfig
-    from clip2gan_cli.train.trainer import TrainModels, run_training
+    from clip2gan_cli.train import TrainModels, run_training
 
     config = TrainConfig(steps=1, batch_size=2, log_every=1, sample_every=1, checkpoint_every=1, device="cpu",
                          lpips_net="none", identity="off", num_sample_images=2, mapper_hidden_dim=32,

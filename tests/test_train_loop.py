@@ -10,9 +10,11 @@ from tiny_models import make_tiny_clip, make_tiny_discriminator, make_tiny_gener
     register_tiny_pack
 
 from clip2gan_cli.errors import CheckpointError, OutputError, TrainingError, UserInputError
-from clip2gan_cli.train import trainer as trainer_module
+from clip2gan_cli.train import checkpoints, losses
 from clip2gan_cli.train.config import TrainConfig
-from clip2gan_cli.train.trainer import TrainModels, checkpoint_paths, load_latest_checkpoint, run_training
+from clip2gan_cli.train.checkpoints import checkpoint_paths, load_latest_checkpoint
+from clip2gan_cli.train.models import TrainModels
+from clip2gan_cli.train.trainer import run_training
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -133,7 +135,7 @@ def test_cosine_schedule_and_gradient_clipping_resume_exactly_and_clip(tmp_path,
 
 
 def test_a_failure_during_save_keeps_the_previous_checkpoint(tmp_path, frozen, monkeypatch):
-    real_write = trainer_module.write_checkpoint_file
+    real_write = checkpoints.write_checkpoint_file
     calls = []
 
     def write_then_die(state, path):
@@ -143,7 +145,7 @@ def test_a_failure_during_save_keeps_the_previous_checkpoint(tmp_path, frozen, m
             raise KeyboardInterrupt
         real_write(state, path)
 
-    monkeypatch.setattr(trainer_module, "write_checkpoint_file", write_then_die)
+    monkeypatch.setattr(checkpoints, "write_checkpoint_file", write_then_die)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_training(tiny_config(steps=4, checkpoint_every=2), run, models=models_for(frozen), progress=False)
@@ -153,7 +155,7 @@ def test_a_failure_during_save_keeps_the_previous_checkpoint(tmp_path, frozen, m
 
     # A hard kill (no cleanup) can leave a temp file: resume ignores and removes it.
     (run / "checkpoints" / ".step-00000004.pt.abc123.tmp").write_bytes(b"partial")
-    monkeypatch.setattr(trainer_module, "write_checkpoint_file", real_write)
+    monkeypatch.setattr(checkpoints, "write_checkpoint_file", real_write)
     run_training(tiny_config(steps=4, checkpoint_every=2), run, resume=True, models=models_for(frozen),
                  progress=False)
     assert [step for step, _ in checkpoint_paths(run)] == [2, 4]
@@ -161,7 +163,7 @@ def test_a_failure_during_save_keeps_the_previous_checkpoint(tmp_path, frozen, m
 
 
 def test_nan_loss_stops_naming_step_and_loss_and_keeps_the_checkpoint(tmp_path, frozen, monkeypatch):
-    real_rec = trainer_module.L.reconstruction_loss
+    real_rec = losses.reconstruction_loss
     calls = []
 
     def rec_nan_at_step_3(real, reconstructed):
@@ -169,7 +171,7 @@ def test_nan_loss_stops_naming_step_and_loss_and_keeps_the_checkpoint(tmp_path, 
         loss = real_rec(real, reconstructed)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(trainer_module.L, "reconstruction_loss", rec_nan_at_step_3)
+    monkeypatch.setattr(losses, "reconstruction_loss", rec_nan_at_step_3)
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"loss rec is nan at step 3"):
         run_training(tiny_config(steps=4, checkpoint_every=2, lambda_adv=0.0), run,
@@ -402,3 +404,31 @@ def test_tensorboard_events_are_written_when_tensorboard_is_importable(tmp_path,
                  models=models_for(frozen, False), progress=False)
     assert written[0] == ("dir", str(tmp_path / "run" / "tensorboard"))
     assert ("loss/rec", 1) in written and ("loss/rec", 2) in written and written[-1] == ("closed", None)
+
+
+def test_an_enabled_gradient_scaler_trains_the_same_weights_and_resumes_with_its_state(tmp_path, frozen, monkeypatch):
+    """fp16's scaler path on the CPU (fp16 autocast itself needs CUDA): loss scaling by a power of two is
+    exact, so the mapper equals the unscaled run's; the scaler's state is checkpointed and restored."""
+    from contextlib import nullcontext
+
+    from clip2gan_cli.train import trainer
+
+    config = tiny_config(steps=2, checkpoint_every=1)
+    run_training(config, tmp_path / "plain", models=models_for(frozen), progress=False)
+    assert load_latest_checkpoint(tmp_path / "plain")["scaler"] is None  # fp32: nothing to save
+    monkeypatch.setattr(trainer, "precision",
+                        lambda name, device: (nullcontext(), torch.amp.GradScaler("cpu", enabled=True)))
+    run_training(config, tmp_path / "scaled", models=models_for(frozen), progress=False)
+    assert (tmp_path / "scaled" / "mapper.safetensors").read_bytes() == \
+        (tmp_path / "plain" / "mapper.safetensors").read_bytes()
+    assert load_latest_checkpoint(tmp_path / "scaled")["scaler"]["scale"] == 2.0 ** 16
+    run_training(tiny_config(steps=1, checkpoint_every=1), tmp_path / "halves", models=models_for(frozen),
+                 progress=False)
+    loaded = []
+    real_load = torch.amp.GradScaler.load_state_dict
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict",
+                        lambda self, state: (loaded.append(state), real_load(self, state))[1])
+    run_training(config, tmp_path / "halves", resume=True, models=models_for(frozen), progress=False)
+    assert [state["scale"] for state in loaded] == [2.0 ** 16]
+    assert (tmp_path / "halves" / "mapper.safetensors").read_bytes() == \
+        (tmp_path / "scaled" / "mapper.safetensors").read_bytes()

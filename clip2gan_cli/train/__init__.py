@@ -8,9 +8,9 @@ from .config import TrainConfig, load_config, load_run_config
 
 _LAZY = {
     "run_training": "trainer",
-    "TrainModels": "trainer",
+    "TrainModels": "models",
     "TrainResult": "trainer",
-    "build_models": "trainer",
+    "build_models": "models",
 }
 
 

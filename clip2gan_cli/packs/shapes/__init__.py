@@ -3,7 +3,7 @@
 The domain (`data`): one coloured shape on a plain background, 32x32, every attribute known, so
 an independent checker can measure generated images. The weights beside this file
 (generator.safetensors, discriminator.safetensors, clip.safetensors + clip_config.json,
-mapper.safetensors, build_times.json) are rebuilt by `scripts/build_shapes_pack.py` and loaded
+mapper.safetensors, build_times.json) are rebuilt by the recipe in `clip2gan_cli/recipes/shapes` and loaded
 by `clip2gan_cli.packs.load_pack()` (the default pack), offline and on the CPU.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ targets (every image consistent with the caption is a positive) instead of the i
 
 Resumable: `<workdir>/clip_ckpt.pt` is written every 200 steps; running again continues, drawing
 exactly the batches an uninterrupted run would (each step's RNG is seeded from (seed, step)).
-Usage: python scripts/shapes_clip.py --workdir work_shapes --steps 1200
+Usage: python -m clip2gan_cli.recipes.shapes.clip --workdir work_shapes --steps 1200
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip2gan_cli.fileutil import atomic_path  # noqa: E402
-from clip2gan_cli.packs.shapes import data  # noqa: E402
-from clip2gan_cli.tokenizer import VocabTokenizer  # noqa: E402
+from ...fileutil import atomic_path
+from ...packs.shapes import data
+from ...tokenizer import VocabTokenizer
+from ...train.checkpoints import sort_safetensors_header
 
 MODEL_NAME = "clip2gan-shapes-vit-p4"
 CONTEXT_LENGTH = 16
@@ -125,6 +124,7 @@ def export_clip(model, tokenizer: VocabTokenizer, out_dir: Path) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out_dir / "clip.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "model_name": MODEL_NAME})
+    sort_safetensors_header(out_dir / "clip.safetensors")  # same weights, same bytes
     with atomic_path(out_dir / "clip_config.json") as tmp:
         Path(tmp).write_text(json.dumps(pack_clip_config(tokenizer), indent=2) + "\n")
 
@@ -132,6 +132,29 @@ def export_clip(model, tokenizer: VocabTokenizer, out_dir: Path) -> None:
 def step_seed(seed: int, step: int) -> int:
     """The RNG seed of one training step: a resumed run draws exactly what an uninterrupted one does."""
     return (seed * 1_000_003 + step) % (1 << 31)
+
+
+def train_step(model, optimizer, tokenizer: VocabTokenizer, step: int, steps: int, batch: int, lr: float,
+               seed: int) -> torch.Tensor:
+    """One contrastive step on a fresh batch drawn from (seed, step), warm-up then cosine learning rate."""
+    rng = np.random.default_rng(step_seed(seed, step))
+    torch.manual_seed(step_seed(seed, step))
+    warm = min(1.0, (step + 1) / 100)
+    progress = step / steps
+    for group in optimizer.param_groups:
+        group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    images, attributes = data.sample(batch, seed=int(rng.integers(1 << 31)))
+    captions = [data.caption(a, rng) for a in attributes]
+    x = images_to_clip_input(images)
+    x = x + 0.06 * torch.randn_like(x)  # robustness to GAN pixel noise
+    image_features = F.normalize(model.encode_image(x), dim=-1)
+    text_features = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+    loss = soft_contrastive_loss(image_features, text_features, model.logit_scale.exp().clamp(max=100),
+                                 caption_match_matrix(attributes, captions))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def train(workdir: Path, steps: int, batch: int, lr: float, seed: int, threads: int, save_every: int = 200) -> dict:
@@ -165,23 +188,7 @@ def train(workdir: Path, steps: int, batch: int, lr: float, seed: int, threads: 
     model.train()
     while state["step"] < steps:
         step = state["step"]
-        rng = np.random.default_rng(step_seed(seed, step))
-        torch.manual_seed(step_seed(seed, step))
-        warm = min(1.0, (step + 1) / 100)
-        progress = step / steps
-        for group in optimizer.param_groups:
-            group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-        images, attributes = data.sample(batch, seed=int(rng.integers(1 << 31)))
-        captions = [data.caption(a, rng) for a in attributes]
-        x = images_to_clip_input(images)
-        x = x + 0.06 * torch.randn_like(x)  # robustness to GAN pixel noise
-        image_features = F.normalize(model.encode_image(x), dim=-1)
-        text_features = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
-        loss = soft_contrastive_loss(image_features, text_features, model.logit_scale.exp().clamp(max=100),
-                                     caption_match_matrix(attributes, captions))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = train_step(model, optimizer, tokenizer, step, steps, batch, lr, seed)
         state["step"] = step + 1
         state["seconds"] = time.time() - start
         if state["step"] % 50 == 0:

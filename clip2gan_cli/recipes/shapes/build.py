@@ -1,13 +1,13 @@
 """Rebuild the builtin `shapes` pack from a seed, stage by stage, resuming where it stopped.
 
 Stages (each resumable; finished stages are skipped on the next run):
-  1. clip      tiny open_clip CLIP, contrastive on (image, caption) pairs   scripts/shapes_clip.py
-  2. checker   independent attribute CNN (monitoring and bench only)        scripts/shapes_checker.py
-  3. gan       StyleGAN2 G + D: decoder, mapping code, adversarial (D only)  scripts/shapes_gan.py
+  1. clip      tiny open_clip CLIP, contrastive on (image, caption) pairs   clip.py
+  2. checker   independent attribute CNN (monitoring and bench only)        checker.py
+  3. gan       StyleGAN2 G + D: decoder, mapping code, adversarial (D only)  gan.py
   4. export    generator/discriminator/CLIP into the pack directory
-  5. mapper    `clip2gan train --pack shapes --data <work>/dataset` (the user code path, on
-               16,384 rendered domain images; `--mapper-data synthetic` uses G(z) samples instead),
-               then CLIP's text feature shift, and mapper.safetensors into the pack directory
+  5. mapper    `clip2gan train --config mapper.toml --pack shapes --data <work>/dataset` (the user code
+               path, on 16,384 rendered domain images; `--mapper-data synthetic` uses G(z) samples
+               instead), then CLIP's text feature shift, and mapper.safetensors into the pack directory
   6. sharpen   G's mapping network against D, from the pack's generator/discriminator files, with
                the synthesis network frozen (so the mapper of stage 5 stays valid) and a trust-region
                anchor; rewrites generator.safetensors and discriminator.safetensors
@@ -21,7 +21,7 @@ The perceptual term: LPIPS's pretrained AlexNet cannot be downloaded offline, so
 trained with `lpips_backbone=random` (a seeded random AlexNet trunk: on flat-colour 32 px images
 its features still compare local edges and colours, which is what a perceptual term adds to L2).
 
-Usage: python scripts/build_shapes_pack.py [--workdir work_shapes] [--pack-dir clip2gan_cli/packs/shapes]
+Usage: python -m clip2gan_cli.recipes.shapes.build [--workdir work_shapes] [--pack-dir clip2gan_cli/packs/shapes]
        [--clip-steps 1200] [--gan-decoder-steps 5500] [--gan-adversarial-steps 1000] [--mapper-steps 4100]
 """
 from __future__ import annotations
@@ -36,16 +36,20 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-
-from clip2gan_cli.fileutil import atomic_path  # noqa: E402
-from clip2gan_cli.mapper import load_mapper, save_mapper  # noqa: E402
-from clip2gan_cli.pipeline import parse_layers  # noqa: E402
-import shapes_gan  # noqa: E402
+from ...fileutil import atomic_path
+from ...mapper import load_mapper, save_mapper
+from ...packs.shapes import PACK_DIR, data
+from ...pipeline import parse_layers
+from ...train.checkpoints import checkpoint_paths, sort_safetensors_header
+from . import gan
 
 STAGES = ("clip", "checker", "gan", "export", "mapper", "sharpen")
+MAPPER_CONFIG = Path(__file__).with_name("mapper.toml")
+PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the folder holding clip2gan_cli (for the train subprocess)
+# build flag -> the mapper.toml key it overrides when given
+MAPPER_FLAGS = {"mapper_batch": "batch_size", "mapper_lr": "lr", "mapper_hidden": "mapper_hidden_dim",
+                "mapper_lambda_adv": "lambda_adv", "mapper_div_std": "div_std", "mapper_lambda_div": "lambda_div",
+                "mapper_max_grad_norm": "max_grad_norm", "mapper_lr_schedule": "lr_schedule"}
 
 
 class BuildState:
@@ -71,13 +75,13 @@ class BuildState:
 
 
 def stage_clip(args, log) -> dict:
-    from shapes_clip import train
+    from .clip import train
 
     return {"zero_shot": train(args.workdir, args.clip_steps, batch=128, lr=1e-3, seed=args.seed, threads=args.threads)}
 
 
 def stage_checker(args, log) -> dict:
-    from shapes_checker import checker_accuracy, load_or_train_checker
+    from .checker import checker_accuracy, load_or_train_checker
 
     checker = load_or_train_checker(args.workdir / "checker.pt", steps=args.checker_steps, log=log)
     return {"real_accuracy": checker_accuracy(checker, n=1000)}
@@ -89,8 +93,8 @@ def gan_trainer(args, log, workdir: Path | None = None, recipe=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    recipe = recipe or shapes_gan.GanRecipe(adversarial_trains=args.gan_adversarial_trains)
-    return shapes_gan.ShapesGanTrainer(workdir or args.workdir, recipe, seed=args.seed, log=log)
+    recipe = recipe or gan.GanRecipe(adversarial_trains=args.gan_adversarial_trains)
+    return gan.ShapesGanTrainer(workdir or args.workdir, recipe, seed=args.seed, log=log)
 
 
 def readable_by_all(*paths: Path) -> None:
@@ -102,7 +106,7 @@ def readable_by_all(*paths: Path) -> None:
 def stage_gan(args, log) -> dict:
     trainer = gan_trainer(args, log)
     steps = (args.gan_decoder_steps, args.gan_mapping_steps, args.gan_adversarial_steps)
-    for gan_stage, budget in zip(shapes_gan.STAGES, steps):
+    for gan_stage, budget in zip(gan.STAGES, steps):
         trainer.run_stage(gan_stage, budget)
     return {"progress": trainer.progress}
 
@@ -130,7 +134,7 @@ def stage_sharpen(args, log) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     if (args.workdir / "checker.pt").exists() and not (folder / "checker.pt").exists():
         shutil.copyfile(args.workdir / "checker.pt", folder / "checker.pt")  # its evaluations use the checker
-    recipe = shapes_gan.GanRecipe(adversarial_trains="mapping", mapping_anchor_weight=args.gan_sharpen_anchor)
+    recipe = gan.GanRecipe(adversarial_trains="mapping", mapping_anchor_weight=args.gan_sharpen_anchor)
     trainer = gan_trainer(args, log, workdir=folder, recipe=recipe)
     if not trainer.path.exists():  # a fresh stage: start from what the earlier stages wrote
         trainer.load_pack_files(args.pack_dir)
@@ -145,8 +149,6 @@ def write_dataset(folder: Path, n: int, seed: int, log) -> Path:
     """PNG files of `data.sample(n, seed)` (the mapper's training images); kept if already complete."""
     from PIL import Image
 
-    from clip2gan_cli.packs.shapes import data
-
     folder.mkdir(parents=True, exist_ok=True)
     if len(list(folder.glob("*.png"))) >= n:
         return folder
@@ -159,54 +161,18 @@ def write_dataset(folder: Path, n: int, seed: int, log) -> Path:
 
 def stage_mapper(args, log) -> dict:
     run_dir = args.workdir / "mapper_run"
-    command = [sys.executable, "-m", "clip2gan_cli", "train"]
     if args.mapper_data == "dataset":
         # Real domain images: every attribute combination, exactly; G(z) samples include the blends
         # its mapping network makes between neighbouring attribute codes.
         training_data = str(write_dataset(args.workdir / "dataset", args.dataset_size, args.seed + 2024, log))
     else:
         training_data = "synthetic"
-    if mapper_run_finished(run_dir, args.mapper_steps):
-        command = None  # trained earlier; the steps after training still run
-    elif (run_dir / "config.toml").exists() or any(run_dir.glob("checkpoint*")):
-        command += ["--resume", str(run_dir)]
-    else:
-        # The models just exported: the builtin pack itself, or explicit files when --pack-dir is elsewhere.
-        builtin_dir = REPO / "clip2gan_cli" / "packs" / "shapes"
-        models = (["--pack", "shapes"] if args.pack_dir.resolve() == builtin_dir.resolve() else
-                  ["--generator", str(args.pack_dir / "generator.safetensors"),
-                   "--clip", str(args.pack_dir / "clip_config.json")])
-        command += [*models, "--data", training_data, "--out", str(run_dir), "--seed", str(args.seed),
-                    "--device", "cpu", "--set", "lpips_backbone=random", "--set", f"batch_size={args.mapper_batch}",
-                    "--set", f"lr={args.mapper_lr}", "--set", f"mapper_hidden_dim={args.mapper_hidden}",
-                    # Untruncated samples: G's W space holds one cluster per attribute combination, and
-                    # psi < 1 would pull samples toward the blend of all colours and shapes.
-                    "--set", "synthetic_truncation=1.0",
-                    # EMA over ~200 steps: the run is short (the default 0.999 would still hold ~20 %
-                    # of the random initial weights after 1,500 steps).
-                    "--set", "ema_decay=0.995",
-                    # No critic term: a WGAN critic trained from scratch alongside the mapper let the
-                    # adversarial term (weight 0.1, values down to -5) dominate the loss on this small
-                    # domain and the reconstruction stopped improving (measured: L_rec flat at 0.195
-                    # from step 100 to 720).
-                    "--set", f"lambda_adv={args.mapper_lambda_adv}",
-                    # Feature noise of L_div: the paper's 0.6 makes the mapper robust to the text/image
-                    # feature gap; generate samples at --mapper-generation-noise (stored in the file):
-                    # measured colour 0.93 / shape 0.83 at 0.1, 0.72 / 0.64 at 0.3, 0.38 colour at 0.6.
-                    "--set", f"div_std={args.mapper_div_std}",
-                    "--set", f"lambda_div={args.mapper_lambda_div}",
-                    # L_div's ratio spikes when a perturbed image nearly equals its original: without
-                    # clipping, every run here had 1-2 steps that threw L_rec from ~0.06 back to ~0.2.
-                    "--set", f"max_grad_norm={args.mapper_max_grad_norm}",
-                    "--set", f"lr_schedule={args.mapper_lr_schedule}",
-                    "--set", "checkpoint_every=100", "--set", "sample_every=200", "--set", "log_every=20",
-                    "--set", "num_sample_images=4",
-                    "--set", 'sample_prompts=["a red circle", "a blue square", "a green triangle", "a yellow cross"]']
-    if command is not None:
-        command += ["--steps", str(args.mapper_steps)]
+    if not mapper_run_finished(run_dir, args.mapper_steps):  # a finished run is not retrained; what follows runs
+        command = mapper_train_command(args, run_dir, training_data)
         log("running: " + " ".join(command))
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CLIP2GAN_OFFLINE="1")
-        subprocess.run(command, check=True, cwd=REPO, env=env)
+        pythonpath = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CLIP2GAN_OFFLINE="1", PYTHONPATH=pythonpath)
+        subprocess.run(command, check=True, env=env)
     mapper = load_mapper(run_dir / "mapper.safetensors")
     if args.mapper_text_shift_samples > 0:
         # CLIP's modality gap, measured on domain images and captions drawn like the CLIP's training
@@ -221,6 +187,21 @@ def stage_mapper(args, log) -> dict:
     return {"run_dir": str(run_dir)}
 
 
+def mapper_train_command(args, run_dir: Path, training_data: str) -> list[str]:
+    """`clip2gan train` with mapper.toml, the models just exported and the --mapper-* flags given (or --resume)."""
+    command = [sys.executable, "-m", "clip2gan_cli", "train"]
+    if (run_dir / "config.toml").exists() or any(run_dir.glob("checkpoint*")):
+        return command + ["--resume", str(run_dir), "--steps", str(args.mapper_steps)]
+    # The models just exported: the builtin pack itself, or explicit files when --pack-dir is elsewhere.
+    models = (["--pack", "shapes"] if args.pack_dir.resolve() == PACK_DIR.resolve() else
+              ["--generator", str(args.pack_dir / "generator.safetensors"),
+               "--clip", str(args.pack_dir / "clip_config.json")])
+    overrides = [["--set", f"{key}={getattr(args, flag)}"] for flag, key in MAPPER_FLAGS.items()
+                 if getattr(args, flag) is not None]
+    return command + ["--config", str(MAPPER_CONFIG), *models, "--data", training_data, "--out", str(run_dir),
+                      "--seed", str(args.seed), *sum(overrides, []), "--steps", str(args.mapper_steps)]
+
+
 def store_image_feature_bank(mapper, args) -> None:
     """The retrieval prior's bank: CLIP image features of the images that measure the text shift."""
     image_features, _ = paired_clip_features(args.pack_dir / "clip_config.json", args.mapper_text_shift_samples,
@@ -232,22 +213,18 @@ def save_with_usage_defaults(mapper, args) -> None:
     """Store how to use this mapper in its file (generate's noise strength, edit's defaults and the
     contrast sets of --neutral auto) and write it to the pack; bench/shapes_quality.py measures each
     form, docs/shapes_pack.md has the numbers."""
-    from clip2gan_cli.packs.shapes import data
-
     mapper.config = dataclasses.replace(
         mapper.config, generation_noise_strength=args.mapper_generation_noise,
         generation_prior=args.mapper_generation_prior, retrieval_temperature=args.mapper_retrieval_temperature,
         edit_direction=args.mapper_edit_direction, edit_layers=parse_layers(args.mapper_edit_layers),
         edit_beta=args.mapper_edit_beta, edit_neutral=None if args.mapper_edit_neutral == "none" else "auto",
         edit_contrast_sets=data.contrast_sets())
-    readable_by_all(save_mapper(mapper, args.pack_dir / "mapper.safetensors",
-                                metadata={"clip2gan.source.pack": "shapes"}))
+    path = save_mapper(mapper, args.pack_dir / "mapper.safetensors", metadata={"clip2gan.source.pack": "shapes"})
+    readable_by_all(sort_safetensors_header(path))  # same weights, same bytes
 
 
 def mapper_run_finished(run_dir: Path, steps: int) -> bool:
     """True when the mapper run wrote its final checkpoint (step == steps) and mapper.safetensors."""
-    from clip2gan_cli.train.trainer import checkpoint_paths
-
     done = checkpoint_paths(run_dir) if (run_dir / "checkpoints").is_dir() else []
     return bool(done) and done[-1][0] >= steps and (run_dir / "mapper.safetensors").is_file()
 
@@ -257,8 +234,7 @@ def paired_clip_features(clip_config: Path, n: int, seed: int):
     import numpy as np
     import torch
 
-    from clip2gan_cli.clip import load_clip_from_config_file
-    from clip2gan_cli.packs.shapes import data
+    from ...clip import load_clip_from_config_file
 
     clip = load_clip_from_config_file(clip_config, device="cpu")
     images, attributes = data.sample(n, seed=seed)
@@ -275,62 +251,61 @@ RUNNERS = {"clip": stage_clip, "checker": stage_checker, "gan": stage_gan, "expo
            "mapper": stage_mapper, "sharpen": stage_sharpen}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Rebuild the builtin shapes pack (resumable, stage by stage).")
-    parser.add_argument("--workdir", type=Path, default=REPO / "work_shapes")
-    parser.add_argument("--pack-dir", type=Path, default=REPO / "clip2gan_cli" / "packs" / "shapes")
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m clip2gan_cli.recipes.shapes.build",
+                                     description="Rebuild the builtin shapes pack (resumable, stage by stage).")
+    parser.add_argument("--workdir", type=Path, default=Path("work_shapes"))
+    parser.add_argument("--pack-dir", type=Path, default=PACK_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clip-steps", type=int, default=1200)
     parser.add_argument("--checker-steps", type=int, default=300)
     parser.add_argument("--gan-decoder-steps", type=int, default=5500)
     parser.add_argument("--gan-mapping-steps", type=int, default=13000)
-    # The discriminator alone by default (G frozen): a trained critic for the shipped G. Training G as well
-    # made the pack worse on a full rebuild (the same run resumed at the end of the mapping stage, identical
-    # up to there): 1,500 anchored synthesis steps raised G(z)'s FD in the pack's CLIP space 0.030 -> 0.074
-    # and lowered the shape kept by inversion 0.89 -> 0.72. docs/shapes_pack.md has the runs.
     parser.add_argument("--gan-adversarial-steps", type=int, default=1000)
-    parser.add_argument("--gan-adversarial-trains", choices=shapes_gan.ADVERSARIAL_TRAINS, default="discriminator",
+    # The discriminator alone by default: training G here as well made the pack worse (docs/shapes_pack.md).
+    parser.add_argument("--gan-adversarial-trains", choices=gan.ADVERSARIAL_TRAINS, default="discriminator",
                         help="what the adversarial stage trains (mapping: synthesis frozen; synthesis: mapping "
                              "frozen; discriminator: G frozen)")
     parser.add_argument("--gan-sharpen-steps", type=int, default=1000)
     parser.add_argument("--gan-sharpen-anchor", type=float, default=10.0,
                         help="weight of the sharpen stage's anchor (MSE to the mapping network it started from)")
-    # 4,100 steps, the cosine schedule ending there (the first pack's constant-rate run, continued to 12,000
-    # steps, fit image features closer and lowered generate's colour accuracy 0.93 -> 0.83)
-    parser.add_argument("--mapper-steps", type=int, default=4100)
+    parser.add_argument("--mapper-steps", type=int, default=4100)  # the cosine schedule ends there
     parser.add_argument("--mapper-data", choices=["dataset", "synthetic"], default="dataset",
                         help="train the mapper on rendered domain images or on G(z) samples")
     parser.add_argument("--dataset-size", type=int, default=16384)
-    parser.add_argument("--mapper-batch", type=int, default=16)
-    parser.add_argument("--mapper-lr", type=float, default=5e-4)
-    parser.add_argument("--mapper-lambda-adv", type=float, default=0.0)
-    parser.add_argument("--mapper-div-std", type=float, default=0.6)
-    parser.add_argument("--mapper-lambda-div", type=float, default=0.1)
-    parser.add_argument("--mapper-max-grad-norm", type=float, default=1.0,
-                        help="clip the mapper's gradient norm (typical norms here: 0.4-0.9; 0 = off)")
-    parser.add_argument("--mapper-lr-schedule", choices=["constant", "cosine"], default="cosine")
+    from_toml = "(default: mapper.toml's %s)"
+    parser.add_argument("--mapper-batch", type=int, help=from_toml % "batch_size")
+    parser.add_argument("--mapper-lr", type=float, help=from_toml % "lr")
+    parser.add_argument("--mapper-lambda-adv", type=float, help=from_toml % "lambda_adv")
+    parser.add_argument("--mapper-div-std", type=float, help=from_toml % "div_std")
+    parser.add_argument("--mapper-lambda-div", type=float, help=from_toml % "lambda_div")
+    parser.add_argument("--mapper-max-grad-norm", type=float,
+                        help="clip the mapper's gradient norm (0 = off) " + from_toml % "max_grad_norm")
+    parser.add_argument("--mapper-lr-schedule", choices=["constant", "cosine"], help=from_toml % "lr_schedule")
+    parser.add_argument("--mapper-hidden", type=int, help=from_toml % "mapper_hidden_dim")
     parser.add_argument("--mapper-generation-noise", type=float, default=0.1)
     parser.add_argument("--mapper-text-shift-samples", type=int, default=4096,
                         help="captioned images that measure the text feature shift and whose image features "
                              "are the retrieval prior's bank (0 = neither)")
-    # retrieval: generate maps a real image's feature drawn by CLIP similarity to the prompt; the text feature
-    # itself (the paper) gives grey backgrounds when a prompt names none (a blend of black and white)
+    # retrieval: a prompt naming no background gets a real image's, not the grey blend of black and white
     parser.add_argument("--mapper-generation-prior", choices=["text", "retrieval"], default="retrieval")
     parser.add_argument("--mapper-retrieval-temperature", type=float, default=0.01)
-    parser.add_argument("--mapper-hidden", type=int, default=256)
     parser.add_argument("--mapper-edit-direction", choices=["text", "image"], default="image")
     parser.add_argument("--mapper-edit-layers", default="4:", help="W+ rows edits move by default (START:STOP)")
     parser.add_argument("--mapper-edit-beta", type=float, default=1.25)
-    # auto: `edit red.png "blue"` edits along "blue" - "red", the neutral CLIP reads off the image (the bare
-    # word alone adds a whole text feature, far from every image feature the mapper saw: 0.60 target colour)
+    # auto: `edit red.png "blue"` edits along "blue" - "red" (the bare word lands far from every image feature)
     parser.add_argument("--mapper-edit-neutral", choices=["auto", "none"], default="auto")
     parser.add_argument("--restamp-mapper", action="store_true",
                         help="only store the usage defaults above and the image feature bank in the pack's "
                              "existing mapper.safetensors (weights and text shift untouched) and exit")
     parser.add_argument("--only", choices=STAGES, action="append", help="run only these stages (repeatable)")
     parser.add_argument("--redo", choices=STAGES, action="append", default=[], help="run these even if done")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.restamp_mapper:
         mapper = load_mapper(args.pack_dir / "mapper.safetensors")
         if args.mapper_text_shift_samples > 0:

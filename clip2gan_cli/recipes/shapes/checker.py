@@ -9,7 +9,6 @@ colour, size, background (classes) and the shape centre (x, y regression, in pix
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip2gan_cli.fileutil import atomic_path  # noqa: E402
-from clip2gan_cli.packs.shapes import data  # noqa: E402
+from ...fileutil import atomic_path
+from ...packs.shapes import data
 
 HEADS = {"shape": len(data.SHAPES), "color": len(data.COLORS), "size": len(data.SIZES),
          "background": len(data.BACKGROUNDS)}
@@ -131,14 +129,18 @@ def summarize(predictions: dict[str, torch.Tensor], wanted: list[dict]) -> dict[
     return result
 
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Train (or load) the shapes attribute checker.")
     parser.add_argument("path", type=Path, nargs="?", default=Path("work_shapes/checker.pt"))
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     checker = load_or_train_checker(args.path, steps=args.steps, log=lambda m: print(m, flush=True))
     print(checker_accuracy(checker), flush=True)
+
+
+if __name__ == "__main__":
+    main()

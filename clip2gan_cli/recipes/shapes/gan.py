@@ -1,7 +1,7 @@
 """Train the shapes pack's StyleGAN2 (the project's own networks) on the procedural domain.
 
-Plain adversarial training from scratch did not converge on 2 CPU cores within ~165k images
-(issue 7). This recipe gives the generator its structure first and lets the GAN refine it:
+Plain adversarial training from scratch did not converge on 2 CPU cores (docs/shapes_pack.md).
+This recipe gives the generator its structure first and lets the GAN refine it:
 
 1. decoder: an attribute encoder E (one-hot attributes + Fourier position -> w) and the
    synthesis network are trained together to render `data.render(attrs)` from `E(attrs)`
@@ -21,7 +21,7 @@ Everything is resumable: `<workdir>/gan_ckpt.pt` (every `save_every` steps) reco
 its progress; `<workdir>/gan_log.jsonl` gets one quality line per evaluation and `gan_grid_*.png`
 sample grids. Usage:
 
-    python scripts/shapes_gan.py --workdir work_shapes --decoder-steps 5500 --mapping-steps 13000 \
+    python -m clip2gan_cli.recipes.shapes.gan --workdir work_shapes --decoder-steps 5500 --mapping-steps 13000 \
         --adversarial-steps 1500
 """
 from __future__ import annotations
@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,13 +38,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from clip2gan_cli.fileutil import atomic_path  # noqa: E402
-from clip2gan_cli.packs.shapes import data  # noqa: E402
-from clip2gan_cli.stylegan2.networks import build_discriminator, build_generator  # noqa: E402
+from ...fileutil import atomic_path
+from ...packs.shapes import data
+from ...stylegan2.convert import estimate_w_avg, load_discriminator, load_generator, save_discriminator, save_generator
+from ...stylegan2.networks import build_discriminator, build_generator
+from ...train.checkpoints import sort_safetensors_header
+from ...train.trainer import update_ema
+from .checker import HEADS, load_or_train_checker
 
 STAGES = ("decoder", "mapping", "adversarial")
+W_AVG_SAMPLES, W_AVG_SEED = 4096, 99  # the truncation centre every exported generator carries
 ADVERSARIAL_TRAINS = ("all", "mapping", "synthesis", "discriminator")
 
 
@@ -64,25 +66,22 @@ class GanRecipe:
     decoder_batch: int = 16  # a deterministic regression: more, smaller steps converge faster per image
     edge_weight: float = 2.0  # L1 on pixel differences: outlines are few pixels but all of the shape
     # The first decoder steps: plain L1 at batch 32 places colours and positions before the edge term
-    # sharpens outlines (the shipped decoder: 480 such steps; edge L1 from the start reached clean
-    # samples 0.63 after 7.5k steps, against 0.91 with this warm-up after 5.4k)
+    # sharpens outlines (measured: docs/shapes_pack.md)
     decoder_warmup_steps: int = 500
     decoder_warmup_batch: int = 32
     decoder_lr: float = 0.003
     mapping_lr: float = 0.001
     g_lr: float = 0.0005  # adversarial stage: the generator is already structured, so step gently
-    # D at 0.0025 won within ~600 steps (D loss 0.5, G loss 2.2) and dragged the synthesis off the decoder
-    d_lr: float = 0.001
+    d_lr: float = 0.001  # a faster D won and dragged the synthesis off the decoder
     r1_gamma: float = 1.0
     r1_interval: int = 16
     ema_half_life_images: float = 10_000.0
-    # L1 decoder anchor in the adversarial stage: at 1.0 the anchor loss drifted 0.10 -> 0.13 in 1.8k
-    # steps; at 10 it holds at 0.10 while D still sharpens (decoded clean samples 0.91 -> 0.96)
+    # L1 decoder anchor in the adversarial stage: holds the decoder's rendering while D still sharpens
     anchor_weight: float = 10.0
     # The anchor of a mapping-only adversarial stage: MSE between the mapping network's w and that of a
     # frozen copy taken when the stage began (a trust region), so D can sharpen the blends between
-    # attribute codes but not drag the code away (the unanchored mapping-only run: combinations covered
-    # 24 -> 20, D won). 0 = unanchored. Needs no attribute encoder: works from a pack's files alone.
+    # attribute codes but not drag the code away (unanchored, D won). 0 = unanchored. Needs no
+    # attribute encoder: works from a pack's files alone.
     mapping_anchor_weight: float = 0.0
     # What the adversarial stage trains: "all" (mapping + synthesis + E, with the anchor), "mapping"
     # (synthesis frozen: the pack's CLIP mapper, trained against this synthesis network, stays valid) or
@@ -99,7 +98,7 @@ class GanRecipe:
 
 
 def normalize_z(z: torch.Tensor) -> torch.Tensor:
-    """The mapping network's own input normalisation (normalize_2nd_moment)."""
+    """The mapping network's own input normalisation (normalize_2nd_moment in MappingNetwork.forward)."""
     return z * (z.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
 
 
@@ -243,8 +242,6 @@ class ShapesGanTrainer:
 
     def load_pack_files(self, pack_dir: Path) -> None:
         """Start from a pack's generator.safetensors and discriminator.safetensors (G, G_ema and D)."""
-        from clip2gan_cli.stylegan2.convert import load_discriminator, load_generator
-
         generator = load_generator(pack_dir / "generator.safetensors", device="cpu", backend="reference")
         self.G.load_state_dict(generator.state_dict())
         self.G_ema.load_state_dict(generator.state_dict())
@@ -363,13 +360,14 @@ class ShapesGanTrainer:
             self.opt_d.step()
         return {"d": d_loss.item(), "r1": r1.item()}
 
-    @torch.no_grad()
     def _update_ema(self) -> None:
+        update_ema(self.G_ema, self.G, self.ema_decay())
+
+    def ema_decay(self) -> float:
+        """Per-step EMA decay of the recipe's half-life in images, rounded to float32 (the weights' precision:
+        1 - decay is then exact, as in the lerp the shipped weights were made with)."""
         beta = 0.5 ** (self.recipe.batch / self.recipe.ema_half_life_images)
-        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
-            p_ema.copy_(p.lerp(p_ema, beta))
-        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
-            b_ema.copy_(b)
+        return float(torch.tensor(beta, dtype=torch.float32))
 
     @torch.no_grad()
     def _sync_ema(self) -> None:
@@ -377,8 +375,7 @@ class ShapesGanTrainer:
 
     @torch.no_grad()
     def _set_w_avg(self, G) -> None:
-        z = torch.randn(4096, self.recipe.z_dim, generator=torch.Generator().manual_seed(99))
-        G.mapping.w_avg.copy_(G.mapping(z)[:, 0].mean(0))
+        estimate_w_avg(G, samples=W_AVG_SAMPLES, seed=W_AVG_SEED)
 
     # --- evaluation ---
     @torch.no_grad()
@@ -388,8 +385,6 @@ class ShapesGanTrainer:
         via_encoder: render synthesis(E(attrs(z))) instead of G_ema(z) (the decoder stage, before
         the mapping network has learnt the code).
         """
-        from shapes_checker import HEADS, load_or_train_checker
-
         z = torch.randn(n, self.recipe.z_dim, generator=torch.Generator().manual_seed(4321))
         self.G_ema.eval()
         if via_encoder:
@@ -481,14 +476,12 @@ class ShapesGanTrainer:
 
     def export(self, out_dir: Path) -> tuple[Path, Path]:
         """Write the EMA generator and the discriminator with the project's safetensors writers."""
-        from clip2gan_cli.stylegan2.convert import save_discriminator, save_generator
-
         out_dir.mkdir(parents=True, exist_ok=True)
         self._set_w_avg(self.G_ema)
         meta = {"recipe": asdict(self.recipe), "progress": self.progress}
         g_path = save_generator(self.G_ema, out_dir / "generator.safetensors", extra_metadata=meta)
         d_path = save_discriminator(self.D, out_dir / "discriminator.safetensors", extra_metadata=meta)
-        return g_path, d_path
+        return sort_safetensors_header(g_path), sort_safetensors_header(d_path)  # same weights, same header bytes
 
 
 def main(argv=None) -> None:
