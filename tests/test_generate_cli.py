@@ -188,13 +188,13 @@ def test_device_cuda_without_cuda(cli_runner, tiny_pack, tmp_path):
 # --- pack resolution ---
 @pytest.fixture
 def builtin_shapes(tiny_pack, tmp_path, monkeypatch):
-    """The tiny pack installed as the builtin `shapes` pack (packs.PACKS_DIR pointed at a copy)."""
+    """The tiny pack installed as the builtin `shapes` pack (packs.loading.PACKS_DIR pointed at a copy)."""
     import shutil
 
-    from clip2gan_cli import packs
+    from clip2gan_cli.packs import loading
 
     shutil.copytree(tiny_pack.directory, tmp_path / "packs" / "shapes")
-    monkeypatch.setattr(packs, "PACKS_DIR", tmp_path / "packs")
+    monkeypatch.setattr(loading, "PACKS_DIR", tmp_path / "packs")
     return tmp_path / "packs" / "shapes"
 
 

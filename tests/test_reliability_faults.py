@@ -228,7 +228,7 @@ TRAIN_FLAGS = ["--device", "cpu", "--no-progress", "--seed", "3", "--set", "lpip
 # rename: a test can kill the process while a save is in flight (the temp file exists, complete or not).
 SLOW_SAVE = """
 import os, sys, time
-from clip2gan_cli.train import trainer
+from clip2gan_cli.train import checkpoints as trainer
 real_write = trainer.write_checkpoint_file
 def announced_write(state, path):
     print(f"SAVING {state['step']}", file=sys.stderr, flush=True)
@@ -359,7 +359,7 @@ def test_full_disk_during_checkpoint_save_keeps_the_previous_checkpoint(cli_runn
 
 def test_real_full_disk_during_checkpoint_and_mapper_saves(cli_runner, tiny_pack, tmp_path, small_tmpfs,
                                                            monkeypatch):
-    from clip2gan_cli.train import trainer
+    from clip2gan_cli.train import checkpoints as trainer
 
     subprocess.run(["mount", "-o", "remount,size=32m", str(small_tmpfs)], check=True)  # room for a few checkpoints
     run = small_tmpfs / "run"

@@ -1,7 +1,7 @@
 """TrainConfig: TOML in and out, overrides, unknown keys and bad values rejected by name, --dry-run."""
 from __future__ import annotations
 
-import tomllib
+from clip2gan_cli import tomlio
 
 import pytest
 
@@ -12,7 +12,7 @@ from clip2gan_cli.train.config import TrainConfig, load_config, load_run_config,
 def test_defaults_are_valid_and_round_trip_through_toml():
     config = TrainConfig(sample_prompts=['a "quoted" prompt', "back\\slash", "tab\there"], lr=3e-5)
     text = config.to_toml()
-    assert TrainConfig.from_dict(tomllib.loads(text)) == config
+    assert TrainConfig.from_dict(tomlio.loads(text)) == config
     assert "lambda_div = 0.1" in text and "div_mode = \"multiplicative\"" in text
 
 
@@ -77,7 +77,7 @@ def test_cli_dry_run_prints_the_resolved_config(clip2gan_subprocess, tmp_path):
     result = clip2gan_subprocess(["train", "--pack", "shapes", "--config", path, "--steps", "12",
                                   "--set", "div_mode=additive", "--dry-run"])
     assert result.returncode == 0, result.stderr
-    printed = TrainConfig.from_dict(tomllib.loads(result.stdout))
+    printed = TrainConfig.from_dict(tomlio.loads(result.stdout))
     assert (printed.pack, printed.steps, printed.lambda_id, printed.div_mode) == ("shapes", 12, 0.0, "additive")
 
 

@@ -9,6 +9,7 @@ import torch
 from tiny_models import make_tiny_clip, make_tiny_discriminator, make_tiny_generator, make_tiny_pack, \
     register_tiny_pack
 
+from clip2gan_cli import tomlio
 from clip2gan_cli.errors import CheckpointError, OutputError, TrainingError, UserInputError
 from clip2gan_cli.train import checkpoints, losses
 from clip2gan_cli.train.config import TrainConfig
@@ -68,7 +69,7 @@ def test_run_writes_the_documented_run_directory(tmp_path, frozen):
     loaded = load_mapper(result.mapper_path)
     for name, tensor in result.mapper_ema.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)
-    assert TrainConfig.from_dict(__import__("tomllib").loads((run / "config.toml").read_text())) == config
+    assert TrainConfig.from_dict(tomlio.loads((run / "config.toml").read_text())) == config
 
 
 def test_a_few_steps_lower_the_reconstruction_loss(tmp_path, frozen):

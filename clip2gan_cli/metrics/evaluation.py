@@ -68,9 +68,9 @@ def _scoring_clip(config: EvalConfig, pack, device, warn: Callable[[str], None])
     if config.score_clip is None:
         clip, sha256, name = pack.clip, generator_sha256, f"{pack.clip.name} (the pack's)"
     else:
-        from ..packs import _clip_from_spec
+        from ..packs import load_clip_spec
 
-        clip, paths = _clip_from_spec(config.score_clip, device)
+        clip, paths = load_clip_spec(config.score_clip, device)
         sha256, name = sha256_file(paths["clip_weights"]), config.score_clip
     same = sha256 == generator_sha256
     if same:
