@@ -193,7 +193,7 @@ def test_gif_has_every_frame_and_mp4_without_encoder_is_a_clear_error(tmp_path, 
     path = imageio.save_gif(tmp_path / "a.gif", list(imageio.to_uint8(frames)))
     with Image.open(path) as gif:
         assert gif.n_frames == 5
-    monkeypatch.setattr(imageio, "mp4_encoder", lambda: None)
+    monkeypatch.setattr(imageio.video, "mp4_encoder", lambda: None)
     with pytest.raises(UserInputError, match="encoder package") as caught:
         imageio.save_mp4(tmp_path / "a.mp4", list(imageio.to_uint8(frames)))
     assert "pip install av" in caught.value.one_line()
