@@ -157,7 +157,7 @@ def test_mtcnn_aligns_the_astronaut_photo_like_ffhq():
 
 def test_no_face_says_use_no_align(tmp_path):
     path = _save(Image.new("RGB", (128, 128), (90, 140, 200)), tmp_path / "sky.png")
-    with pytest.raises(ImageError, match="no face found in .*sky.png; use --no-align"):
+    with pytest.raises(ImageError, match="no face found in .*sky.png; use `align=False`"):  # the CLI says --no-align
         imageio.load_image_tensor(path, 64, align=True)
 
 

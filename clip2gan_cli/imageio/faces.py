@@ -44,7 +44,7 @@ def align_face(image: "Image.Image", output_size: int = 1024, source: str = "ima
     """
     landmarks = detect_face_landmarks(image)
     if landmarks is None:
-        raise ImageError(f"no face found in {source}; use --no-align")
+        raise ImageError(f"no face found in {source}; use `align=False`")
     eye_left, eye_right, _, mouth_left, mouth_right = landmarks
     return _ffhq_crop(image, eye_left, eye_right, mouth_left, mouth_right, output_size)
 
