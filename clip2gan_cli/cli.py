@@ -173,8 +173,10 @@ def _print_registry(registry, json_out: bool = False) -> None:
     """The registry's files and packs: two tables that fit 80 columns, or one JSON object per line (--json)."""
     import json
 
+    from .registry_listing import registry_records, registry_tables
+
     if json_out:
-        for record in _registry_records(registry):
+        for record in registry_records(registry):
             typer.echo(json.dumps(record, ensure_ascii=False))
         return
     from rich.console import Console
@@ -182,66 +184,6 @@ def _print_registry(registry, json_out: bool = False) -> None:
     console = Console()
     for table in registry_tables(registry):
         console.print(table)
-
-
-def _registry_records(registry) -> list[dict]:
-    """Every file and pack of the registry as a JSON-ready dict (licenses in full)."""
-    from . import weights
-
-    files = [{"file": entry.name, "format": entry.format, "size": entry.size, "license": entry.license,
-              "sha256": entry.sha256, "cached": weights.is_cached(entry), "description": entry.description}
-             for entry in registry.files.values()]
-    packs = [{"pack": pack.name, "builtin": pack.builtin, "local": pack.local, "generator": pack.generator,
-              "clip_model": pack.clip_model, "clip_pretrained": pack.clip_pretrained, "mapper": pack.mapper,
-              "identity": pack.identity, "cached": _pack_cached(registry, pack)}
-             for pack in registry.packs.values()]
-    return files + packs
-
-
-def _pack_cached(registry, pack) -> bool:
-    from . import weights
-
-    return pack.builtin or all(weights.is_cached(entry) for entry in registry.files_for(pack.name))
-
-
-def short_license(text: str) -> str:
-    """A license's label for a table: its text before the first '(' or ';' ("MIT (OpenAI CLIP); ..." -> "MIT")."""
-    return re.split(r"\s*[(;]", text, maxsplit=1)[0].strip() or text
-
-
-def registry_tables(registry) -> tuple:
-    """(files, packs) rich tables, one line per row in 80 columns: short license labels, long values cut."""
-    from rich import box
-    from rich.table import Table
-
-    from . import weights
-
-    def table(title: str, columns: tuple[str, ...]) -> Table:
-        result = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-        for column in columns:
-            result.add_column(column, no_wrap=True, overflow="ellipsis")
-        return result
-
-    files = table(f"Files ({registry.source})", ("name", "size", "cached", "license"))
-    for entry in registry.files.values():
-        files.add_row(entry.name, _human_size(entry.size), "yes" if weights.is_cached(entry) else "no",
-                      short_license(entry.license))
-    packs = table("Packs (all fields: --list --json)", ("name", "generator", "mapper", "cached"))
-    for pack in registry.packs.values():
-        packs.add_row(pack.name + (" (local)" if pack.local else ""), "builtin" if pack.builtin else pack.generator,
-                      "builtin" if pack.builtin else pack.mapper or "not trained yet",
-                      "yes" if _pack_cached(registry, pack) else "no")
-    return files, packs
-
-
-def _human_size(size: Optional[int]) -> str:
-    if size is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size} GB"
 
 
 def _emit(records, json_out: bool) -> None:

@@ -78,7 +78,7 @@ def test_registry_tables_fit_80_columns_one_line_per_row():
     from rich.console import Console
 
     from clip2gan_cli import weights
-    from clip2gan_cli.cli import registry_tables, short_license
+    from clip2gan_cli.registry_listing import registry_tables, short_license
 
     registry = weights.load_registry()
     assert short_license("NVIDIA Source Code License-NC (non-commercial research use only)") == \
