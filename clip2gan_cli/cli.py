@@ -32,7 +32,7 @@ app = typer.Typer(
 PARAMETER_FLAGS = {
     "n": "-n", "batch_size": "--batch-size", "frames": "--frames", "prior": "--prior", "gif": "--gif",
     "layers": "--layers", "neutral": "--neutral", "contrast_sets": "--contrast", "direction": "--direction",
-    "refine_steps": "--refine-steps", "align=False": "--no-align",
+    "refine_steps": "--refine-steps", "align=False": "--no-align", "beta": "--beta", "edit": "--edit",
 }
 
 

@@ -329,9 +329,9 @@ def parse_layers(spec: str) -> tuple[int | None, int | None]:
             raise ValueError
         bounds = tuple(int(part) if part.strip() else None for part in (start, stop))
     except ValueError:
-        raise UserInputError(f"--layers must be START:STOP (e.g. 2: or 0:4), got '{spec}'") from None
+        raise UserInputError(f"`layers` must be START:STOP (e.g. 2: or 0:4), got '{spec}'") from None
     if any(bound is not None and bound < 0 for bound in bounds):
-        raise UserInputError(f"--layers takes row numbers >= 0, got '{spec}'")
+        raise UserInputError(f"`layers` takes row numbers >= 0, got '{spec}'")
     return bounds
 
 
@@ -518,8 +518,8 @@ def _single(w: torch.Tensor, label: str) -> torch.Tensor:
     return w.float().cpu()
 
 
-def parse_beta(text: str, what: str = "--beta") -> float:
-    """A finite float from the command line, or UserInputError naming the option."""
+def parse_beta(text: str, what: str = "`beta`") -> float:
+    """A finite float from text, or UserInputError naming `what`."""
     import math
 
     try:
@@ -535,5 +535,5 @@ def parse_edit(spec: str) -> tuple[str, float]:
     """`TEXT:BETA` -> (text, beta); the last colon splits, so texts may contain colons."""
     text, sep, beta = spec.rpartition(":")
     if not sep or not text.strip() or not beta.strip():
-        raise UserInputError(f"malformed --edit '{spec}'", hint="expected TEXT:BETA, e.g. --edit beard:2")
-    return text.strip(), parse_beta(beta.strip(), f"beta in --edit '{spec}'")
+        raise UserInputError(f"malformed `edit` '{spec}'", hint="expected TEXT:BETA, e.g. `edit` beard:2")
+    return text.strip(), parse_beta(beta.strip(), f"beta in `edit` '{spec}'")

@@ -318,7 +318,7 @@ def test_parse_layers(spec, expected):
 
 @pytest.mark.parametrize("spec", ["2", "a:b", "1:2:3", "-1:", ""])
 def test_parse_layers_rejects_malformed_specs(spec):
-    with pytest.raises(UserInputError, match="--layers"):
+    with pytest.raises(UserInputError, match="`layers`"):  # the CLI says --layers
         pipeline.parse_layers(spec)
 
 
@@ -377,13 +377,13 @@ def test_parse_edit_valid(spec, expected):
 
 @pytest.mark.parametrize("spec", ["beard", "beard:", ":2", "beard:two", "beard:nan", "beard:inf", ""])
 def test_parse_edit_malformed(spec):
-    with pytest.raises(UserInputError, match="--edit|beta"):
+    with pytest.raises(UserInputError, match="`edit`|beta"):  # the CLI says --edit
         pipeline.parse_edit(spec)
 
 
 def test_parse_beta_rejects_non_numbers():
     assert pipeline.parse_beta("-0.5") == -0.5
-    with pytest.raises(UserInputError, match="--beta must be a number"):
+    with pytest.raises(UserInputError, match="`beta` must be a number"):  # the CLI says --beta
         pipeline.parse_beta("strong")
 
 
