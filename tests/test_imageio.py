@@ -256,3 +256,21 @@ def test_output_directory_that_is_a_file_or_read_only(tmp_path):
             imageio.check_output_dir(read_only / "sub")
     finally:
         read_only.chmod(0o700)
+
+
+# Every public name of the former single-file imageio module (split into imageio/images, faces, latents,
+# video, publish, outputs, prompts) still imports from the package.
+FORMER_PUBLIC_NAMES = [
+    "IMAGE_FORMATS", "LATENT_KEY", "MAX_PIXELS", "MIN_SIDE", "PNG_CHANNELS", "align_face", "center_crop_resize",
+    "check_output_dir", "detect_face_landmarks", "load_image_tensor", "load_latent", "make_grid", "mp4_encoder",
+    "pil_to_tensor", "publish_new_file", "read_image", "read_png_metadata", "read_prompt_args", "save_gif",
+    "save_image", "save_latent", "save_mp4", "save_png", "slugify", "to_rgb", "to_uint8", "write_edit_outputs",
+    "write_generate_outputs", "write_interpolation_outputs",
+]
+
+
+@pytest.mark.parametrize("name", FORMER_PUBLIC_NAMES)
+def test_every_former_public_name_imports_from_the_package(name):
+    namespace = {}
+    exec(f"from clip2gan_cli.imageio import {name}", namespace)
+    assert namespace[name] is getattr(imageio, name)
