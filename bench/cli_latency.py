@@ -1,11 +1,11 @@
 """Wall time of `clip2gan --help` and `clip2gan <subcommand> --help` in fresh processes.
 
-Goal (issue 2): <= 0.3 s median on this machine, which needs the CLI module to import no torch.
+Goal: <= 0.3 s median on this machine, which needs the CLI module to import no torch.
 
     python bench/cli_latency.py            # 10 fresh processes per row
     python bench/cli_latency.py -n 30 --check   # exit 1 if a row misses its goal
 
-Also times a cold `clip2gan generate "a red circle" -n 8` (goal 5 s, issue 7); more rows go in `extra_rows()`.
+Also times a cold `clip2gan generate "a red circle" -n 8` (goal 5 s); more rows go in `extra_rows()`.
 """
 from __future__ import annotations
 

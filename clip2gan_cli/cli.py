@@ -7,6 +7,7 @@ one line on stderr and exit code 1; CLIP2GAN_DEBUG=1 shows the traceback instead
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -27,6 +28,19 @@ app = typer.Typer(
 )
 
 
+# Library errors name the parameter at fault in backquotes (`frames`); here each becomes the flag that sets it.
+PARAMETER_FLAGS = {
+    "n": "-n", "batch_size": "--batch-size", "frames": "--frames", "prior": "--prior", "gif": "--gif",
+    "layers": "--layers", "neutral": "--neutral", "contrast_sets": "--contrast", "direction": "--direction",
+    "refine_steps": "--refine-steps", "align=False": "--no-align", "beta": "--beta", "edit": "--edit",
+}
+
+
+def as_flags(message: str) -> str:
+    """A library message as a command-line user reads it: each `parameter` it names becomes its flag."""
+    return re.sub(r"`([^`\s]+)`", lambda match: PARAMETER_FLAGS.get(match[1], match[0]), message)
+
+
 def err(message: str) -> None:
     """Print a human message on stderr (stdout is kept for --json output)."""
     typer.echo(message, err=True)
@@ -42,7 +56,7 @@ def handle_errors(command):
         except Clip2ganError as error:
             if debug_enabled():
                 raise
-            err(f"Error: {error.one_line()}")
+            err(f"Error: {as_flags(error.one_line())}")
             raise typer.Exit(exit_code_for(error))
         except KeyboardInterrupt:
             err("Interrupted.")
@@ -67,7 +81,7 @@ def root(
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """Library warnings (unknown words, long prompts) as one 'Warning:' line, without the source line."""
-    return f"Warning: {' '.join(str(message).split())}\n"
+    return f"Warning: {as_flags(' '.join(str(message).split()))}\n"
 
 
 # Shared option definitions (one place, so every command spells them the same way).
@@ -87,7 +101,12 @@ def json_option():
     return typer.Option(False, "--json", help="Print one JSON object per result on stdout; messages go to stderr.")
 
 
-# --- download-weights (issue 2) ---
+def _check_choice(flag: str, value: str | None, choices) -> None:
+    """A one-line error for a value outside `choices` (None: the library's default), before any model loads."""
+    from .errors import UserInputError
+
+    if value is not None and value not in choices:
+        raise UserInputError(f"unknown {flag} '{value}'", hint=f"expected {' or '.join(choices)}")
 
 
 @app.command("download-weights")
@@ -99,10 +118,12 @@ def download_weights(
         help="Registry files or packs to fetch (a pack fetches its generator, CLIP, identity net, ...)."),
     all_files: bool = typer.Option(False, "--all", help="Fetch every file in the registry."),
     list_only: bool = typer.Option(False, "--list",
-                                   help="Print the files (name, kind, size, license, cached) and packs, then exit."),
+                                   help="Print the files (name, size, cached, license) and packs, then exit "
+                                        "(with --json: every field, licenses in full)."),
     registry_file: Optional[Path] = typer.Option(None, "--registry", dir_okay=False,
                                                  help="Registry TOML to use instead of the packaged weights.toml."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    json_out: bool = json_option(),
 ) -> None:
     """Fetch pretrained weights into the cache ($CLIP2GAN_HOME), verified by size and sha256."""
     from . import weights
@@ -111,14 +132,25 @@ def download_weights(
     for note in registry.notes:
         err(f"Note: {note}")
     if list_only:
-        _print_registry(registry)
+        _print_registry(registry, json_out)
         return
     if all_files and names:
         ctx.fail("give NAMEs or --all, not both")
     if not all_files and not names:
         ctx.fail("name at least one file or pack, or use --all or --list")
+    for entry in _requested_entries(registry, names or [], all_files):
+        path = weights.fetch(entry.name, registry=registry, progress=not quiet)
+        _emit_fetched(entry.name, path, json_out)
+        if entry.format in weights.CONVERTIBLE_FORMATS:
+            from .stylegan2.convert import convert_checkpoint
+
+            _emit_fetched(entry.name, convert_checkpoint(path), json_out)
+
+
+def _requested_entries(registry, names: list[str], all_files: bool) -> list:
+    """The registry files to fetch for NAMEs (files or packs) or --all; a note for builtin and untrained packs."""
     entries = list(registry.files.values()) if all_files else []
-    for name in names or []:
+    for name in names:
         pack = registry.packs.get(name)
         if pack is not None and pack.builtin:
             err(f"Pack '{name}' is builtin: its files ship with clip2gan, nothing to download.")
@@ -126,69 +158,32 @@ def download_weights(
             err(f"Note: pack '{name}' has no trained mapper yet; make one with "
                 f"`clip2gan train --pack {name} --export-pack {name}`.")
         entries += [entry for entry in registry.files_for(name) if entry not in entries]
-    for entry in entries:
-        path = weights.fetch(entry.name, registry=registry, progress=not quiet)
-        typer.echo(f"{entry.name}: {path}")
-        if entry.format in weights.CONVERTIBLE_FORMATS:
-            converted = _convert_checkpoint(path)
-            if converted is not None:
-                typer.echo(f"{entry.name}: {converted}")
+    return entries
 
 
-def _convert_checkpoint(path: Path) -> Optional[Path]:
-    """Convert a fetched pickle / rosinality checkpoint to safetensors once (when the converter exists)."""
-    import importlib
+def _emit_fetched(name: str, path: Path | None, json_out: bool) -> None:
+    """`NAME: PATH` of a file in the cache (a JSON object with --json)."""
+    import json
 
-    try:
-        convert = importlib.import_module(f"{__package__}.stylegan2.convert")
-    except ModuleNotFoundError as error:
-        if error.name == f"{__package__}.stylegan2.convert":
-            return None  # the converter has not landed yet (issue 3)
-        raise
-    convert_checkpoint = getattr(convert, "convert_checkpoint", None)
-    return convert_checkpoint(path) if convert_checkpoint is not None else None
+    if path is not None:
+        typer.echo(json.dumps({"name": name, "path": str(path)}) if json_out else f"{name}: {path}")
 
 
-def _print_registry(registry) -> None:
-    """Rich tables of the registry's files and packs on stdout."""
+def _print_registry(registry, json_out: bool = False) -> None:
+    """The registry's files and packs: two tables that fit 80 columns, or one JSON object per line (--json)."""
+    import json
+
+    from .registry_listing import registry_records, registry_tables
+
+    if json_out:
+        for record in registry_records(registry):
+            typer.echo(json.dumps(record, ensure_ascii=False))
+        return
     from rich.console import Console
-    from rich.table import Table
 
-    from . import weights
-
-    files = Table(title=f"Files ({registry.source})", title_justify="left")
-    for column in ("name", "kind", "size", "license", "cached"):
-        files.add_column(column, no_wrap=column != "license")
-    for entry in registry.files.values():
-        files.add_row(entry.name, entry.format, _human_size(entry.size), entry.license,
-                      "yes" if weights.is_cached(entry) else "no")
-    packs = Table(title="Packs", title_justify="left")
-    for column in ("name", "generator", "clip", "mapper", "identity", "cached"):
-        packs.add_column(column, overflow="fold", no_wrap=column in ("name", "cached"))
-    for pack in registry.packs.values():
-        if pack.builtin:
-            packs.add_row(pack.name, "builtin", pack.clip_model or "builtin", "builtin", "-", "yes")
-            continue
-        needed = registry.files_for(pack.name)
-        cached = all(weights.is_cached(entry) for entry in needed)
-        packs.add_row(pack.name + (" (local)" if pack.local else ""), pack.generator,
-                      f"{pack.clip_model}/{pack.clip_pretrained}", pack.mapper or "not trained yet",
-                      pack.identity or "-", "yes" if cached else "no")
     console = Console()
-    console.print(files)
-    console.print(packs)
-
-
-def _human_size(size: Optional[int]) -> str:
-    if size is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size} GB"
-
-# --- generate / edit / interpolate (issue 4) ---
+    for table in registry_tables(registry):
+        console.print(table)
 
 
 def _emit(records, json_out: bool) -> None:
@@ -251,15 +246,13 @@ def generate_command(
     """Generate images from text prompts."""
     from . import imageio, pipeline
     from .device import resolve_device
-    from .errors import UserInputError
+    from .mapper import GENERATION_PRIORS
     from .packs import output_metadata, select_models
 
     texts = pipeline.validate_prompts(imageio.read_prompt_args(prompts))
-    if n < 1 or batch_size < 1:
-        raise UserInputError(f"-n and --batch-size must be at least 1, got {min(n, batch_size)}")
-    if image_format.lower() not in imageio.IMAGE_FORMATS:
-        raise UserInputError(f"unknown --format '{image_format}'", hint="use png or jpg")
-    _check_prior(prior)
+    pipeline.check_sizes(n, batch_size)
+    _check_choice("--format", image_format.lower(), imageio.IMAGE_FORMATS)
+    _check_choice("--prior", prior, GENERATION_PRIORS)
     imageio.check_output_dir(out)
     # text only: generate never encodes images, and a text-only CLIP skips importing open_clip
     models = select_models(pack, mapper, generator, clip, resolve_device(device), backend, text_only=True)
@@ -270,8 +263,7 @@ def generate_command(
     records = imageio.write_generate_outputs(
         out, result.images, result.w_plus, texts, result.prompt_index, result.sample_index, seed,
         fmt=image_format, grid=grid, save_latents=save_latents,
-        metadata=output_metadata(models, truncation=truncation,
-                                 prior=prior or models.mapper.config.generation_prior))
+        metadata=output_metadata(models, truncation=truncation, prior=result.prior))
     _emit(records, json_out)
 
 
@@ -309,57 +301,51 @@ def edit_command(
     backend: str = backend_option(),
 ) -> None:
     """Edit an image with text: w' = M(C_img(x)) + sum(beta * n(t))."""
-    from . import imageio, pipeline
+    from . import imageio, inputs, pipeline
     from .device import resolve_device
-    from .errors import UserInputError
-    from .mapper import EDIT_DIRECTIONS, NEUTRAL_AUTO, check_contrast_sets
+    from .mapper import EDIT_DIRECTIONS, NEUTRAL_AUTO
     from .packs import output_metadata, select_models
+    from .refine import refine_lpips
+
+    requested = _requested_edits(text, beta, edits)
+    _check_choice("--direction", direction, EDIT_DIRECTIONS)
+    row_range = pipeline.parse_layers(layers) if layers is not None else None
+    imageio.read_image(image)  # bad images fail before any model loads
+    imageio.check_output_dir(out)
+    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend)
+    source, start = inputs.load_image(image, models, align), inputs.load_start_latent(latent, models)
+    bar, advance = _progress("Refining", refine_steps)
+    with bar:
+        result = pipeline.edit(models.generator, models.clip, models.mapper, source, requested, neutral=neutral,
+                               refine_steps=refine_steps, lpips=refine_lpips(refine_steps, log=err), w_plus=start,
+                               direction=direction, layers=row_range,
+                               contrast_sets=[spec.split(",") for spec in contrast] or None, progress=advance)
+    settings, used = result.settings, [row[0] for row in result.neutrals]  # one image: each edit's neutral
+    if settings.neutral == NEUTRAL_AUTO:
+        _report_inferred_neutrals(settings.edits, used)
+    label, neutral_used = _edit_label(settings.edits, used)
+    metadata = output_metadata(models, source=image.name, edits=label, neutral=neutral_used,
+                               direction=settings.direction, layers=_rows_label(settings.layers))
+    _emit(imageio.write_edit_outputs(out, image.stem, source, result.reconstruction, result.edited,
+                                     result.w_plus_edited, label, metadata=metadata), json_out)
+
+
+
+def _requested_edits(text: str | None, beta: str | None, edits: list[str]) -> list[tuple[str, float | None]]:
+    """(text, beta) of TEXT [--beta] and each --edit TEXT:BETA; a beta left out is None (the mapper's)."""
+    from . import pipeline
+    from .errors import UserInputError
 
     text_beta = pipeline.parse_beta(beta) if beta is not None else None
     requested = ([(text, text_beta)] if text is not None else []) + [pipeline.parse_edit(e) for e in edits]
     if not requested:
         raise UserInputError("no edit given", hint="give TEXT (with --beta) or --edit TEXT:BETA")
-    if direction is not None and direction not in EDIT_DIRECTIONS:
-        raise UserInputError(f"unknown --direction '{direction}'", hint=f"expected {' or '.join(EDIT_DIRECTIONS)}")
-    row_range = pipeline.parse_layers(layers) if layers is not None else None
-    contrast_sets = check_contrast_sets([spec.split(",") for spec in contrast]) if contrast else None
-    if contrast_sets is not None and neutral not in (None, NEUTRAL_AUTO):
-        raise UserInputError("--contrast is used only with --neutral auto")
-    if refine_steps < 0:
-        raise UserInputError(f"--refine-steps must be >= 0, got {refine_steps}")
-    imageio.read_image(image)  # bad images fail before any model loads
-    imageio.check_output_dir(out)
-    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend)
-    resolution = models.generator.img_resolution
-    source = imageio.load_image_tensor(image, resolution, align=models.is_face_pack if align is None else align)
-    w_plus = imageio.load_latent(latent, models.generator.num_ws, models.generator.w_dim)[:1] if latent else None
-    recommended = models.mapper.config  # the mapper's own edit defaults fill what the command line left out
-    default_beta = recommended.edit_beta if recommended.edit_beta is not None else 2.0
-    requested = [(t, b if b is not None else default_beta) for t, b in requested]
-    direction = direction or recommended.edit_direction
-    row_range = row_range if layers is not None else recommended.edit_layers
-    neutral = recommended.edit_neutral if neutral is None else (None if neutral == "none" else neutral)
-    if contrast_sets is not None and neutral != NEUTRAL_AUTO:
-        raise UserInputError("--contrast is used only with --neutral auto")
-    pipeline.layer_mask(models.generator.num_ws, row_range)  # a bad --layers fails before any work
-    bar, advance = _progress("Refining", refine_steps)
-    with bar:
-        result = pipeline.edit(models.generator, models.clip, models.mapper, source, requested, neutral=neutral,
-                               refine_steps=refine_steps, lpips=_refine_lpips(refine_steps),
-                               w_plus=w_plus, direction=direction, layers=row_range,
-                               contrast_sets=contrast_sets, progress=advance)
-    used = [row[0] for row in result.neutrals]  # one image: the neutral each edit text used
-    if neutral == NEUTRAL_AUTO:
-        _report_inferred_neutrals(requested, used)
-    label, neutral_used = _edit_label(requested, used)
-    rows = "all" if row_range is None else ":".join("" if v is None else str(v) for v in row_range)
-    records = imageio.write_edit_outputs(out, image.stem, source, result.reconstruction, result.edited,
-                                         result.w_plus_edited, label,
-                                         metadata=output_metadata(models, source=image.name, edits=label,
-                                                                  neutral=neutral_used,
-                                                                  direction=direction,
-                                                                  layers=rows))
-    _emit(records, json_out)
+    return requested
+
+
+def _rows_label(layers) -> str:
+    """The W+ rows an edit moved, as metadata: "all" or "START:STOP"."""
+    return "all" if layers is None else ":".join("" if v is None else str(v) for v in layers)
 
 
 def _report_inferred_neutrals(requested, used) -> None:
@@ -379,60 +365,6 @@ def _edit_label(requested, used) -> tuple[str, str]:
         return "+".join(f"{t}:{b:g}" for t, b in requested) + (f"-vs-{used[0]}" if used[0] else ""), used[0] or ""
     return ("+".join(f"{t}:{b:g}" + (f"-vs-{n}" if n else "") for (t, b), n in zip(requested, used)),
             "; ".join(n or "" for n in used))
-
-
-def _check_prior(prior: str | None) -> None:
-    """A one-line error for an unknown --prior (before any model loads)."""
-    from .errors import UserInputError
-    from .mapper import GENERATION_PRIORS
-
-    if prior is not None and prior not in GENERATION_PRIORS:
-        raise UserInputError(f"unknown --prior '{prior}'", hint=f"expected {' or '.join(GENERATION_PRIORS)}")
-
-
-def _refine_lpips(refine_steps: int):
-    """LPIPS (alex) for --refine-steps when its backbone is in the cache; otherwise None (L2 only, said once)."""
-    if refine_steps <= 0:
-        return None
-    from . import weights
-    from .train.losses import LPIPS_BACKBONE_WEIGHTS, build_perceptual_loss
-
-    registry = weights.load_registry()
-    name = LPIPS_BACKBONE_WEIGHTS["alex"]
-    if name not in registry.files or not weights.is_cached(registry.entry(name)):
-        err(f"Note: refining with L2 only (LPIPS needs `clip2gan download-weights {name}`).")
-        return None
-    return build_perceptual_loss("alex", "registry")
-
-
-def _is_file(spec: str) -> bool:
-    """Path(spec).is_file(), False where spec cannot be a path at all (a long prompt: ENAMETOOLONG)."""
-    try:
-        return Path(spec).is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _is_image_endpoint(spec: str) -> bool:
-    """An existing file with a suffix other than .safetensors: `_endpoint_latent` reads it as an image."""
-    path = Path(spec)
-    return path.suffix.lower() != ".safetensors" and _is_file(spec) and bool(path.suffix)
-
-
-def _endpoint_latent(spec: str, models, align: bool, prior: str | None = None, seed: int = 0):
-    """W+ [1, num_ws, w_dim] of an interpolation endpoint: a latent file, an image, or a prompt (`prior`)."""
-    from . import imageio, pipeline
-    from .errors import ImageError
-
-    path = Path(spec)
-    if path.suffix.lower() == ".safetensors":
-        return imageio.load_latent(path, models.generator.num_ws, models.generator.w_dim)[:1]
-    if _is_image_endpoint(spec):
-        image = imageio.load_image_tensor(path, models.generator.img_resolution, align=align)
-        return pipeline.invert(models.clip, models.mapper, image)
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"):
-        raise ImageError(f"image not found: {path}")
-    return pipeline.prompt_latents(models.clip, models.mapper, [spec], prior=prior, seed=seed)
 
 
 @app.command("interpolate")
@@ -461,36 +393,31 @@ def interpolate_command(
     backend: str = backend_option(),
 ) -> None:
     """Interpolate between two prompts, images or latents; frames as PNGs, optionally a GIF / MP4."""
-    from . import imageio, pipeline
+    from . import imageio, inputs, pipeline
     from .device import resolve_device
     from .errors import UserInputError
+    from .mapper import GENERATION_PRIORS
     from .packs import output_metadata, select_models
 
-    if frames < 2:
-        raise UserInputError(f"--frames must be at least 2, got {frames}")
-    _check_prior(prior)
+    pipeline.check_frames(frames)
+    _check_choice("--prior", prior, GENERATION_PRIORS)
     if not a.strip() or not b.strip():
         raise UserInputError("empty prompt", hint="A and B must be prompts, images or latent files")
-    if mp4 is not None and imageio.mp4_encoder() is None:
-        imageio.save_mp4(mp4, [])  # the one-line "needs an encoder package" error, before any work
+    if mp4 is not None:
+        imageio.require_mp4_encoder()  # before any work
     imageio.check_output_dir(out)
-    # Without an image endpoint nothing is encoded as an image: a text-only CLIP loads faster
     models = select_models(pack, mapper, generator, clip, resolve_device(device), backend,
-                           text_only=not any(_is_image_endpoint(spec) for spec in (a, b)))
-    face_align = models.is_face_pack if align is None else align
-    w_plus = pipeline.interpolate(_endpoint_latent(a, models, face_align, prior, seed),
-                                  _endpoint_latent(b, models, face_align, prior, seed), frames, spherical=spherical)
+                           text_only=not inputs.needs_image_encoder(a, b))
+    w_a, w_b = (inputs.endpoint_latent(spec, models, align, prior, seed) for spec in (a, b))
     bar, advance = _progress("Rendering", frames)
     with bar:
-        images = pipeline.synthesize(models.generator, w_plus, progress=advance)
-    name = f"interp_{imageio.slugify(Path(a).stem if _is_file(a) else a, 24)}" \
-           f"_to_{imageio.slugify(Path(b).stem if _is_file(b) else b, 24)}"
-    records = imageio.write_interpolation_outputs(out, name, images, gif=gif, mp4=mp4, fps=fps,
-                                                  metadata=output_metadata(models, a=a, b=b, seed=seed,
-                                                                           prior=prior or models.mapper.config.generation_prior))
-    _emit(records, json_out)
+        images = pipeline.synthesize(models.generator, pipeline.interpolate(w_a, w_b, frames, spherical=spherical),
+                                     progress=advance)
+    metadata = output_metadata(models, a=a, b=b, seed=seed, prior=pipeline.generation_prior(models.mapper, prior))
+    _emit(imageio.write_interpolation_outputs(out, inputs.interpolation_name(a, b), images, gif=gif, mp4=mp4,
+                                              fps=fps, metadata=metadata), json_out)
 
-# --- train (issue 5) ---
+
 @app.command("train")
 @handle_errors
 def train_command(
@@ -540,9 +467,6 @@ def train_command(
     losses = ", ".join(f"{name} {value:.4g}" for name, value in result.final_losses.items())
     err(f"Trained {result.steps} steps ({result.steps_per_second:.2f} steps/s). {losses}")
     typer.echo(str(result.mapper_path))
-
-
-# --- eval-fid (issue 6) ---
 
 
 @app.command("eval-fid")

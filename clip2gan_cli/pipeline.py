@@ -24,6 +24,8 @@ from .mapper import (NEUTRAL_AUTO, check_contrast_sets, check_edit_direction, ch
                      perturb_clip_features)
 
 MAX_NEUTRAL_CANDIDATES = 4096  # texts scored by infer_neutrals for one edit text (product of its sets' sizes)
+DEFAULT_EDIT_BETA = 2.0  # an edit's strength when neither the caller nor the mapper file gives one
+NEUTRAL_NONE = "none"  # edit's neutral: explicitly none (the paper), whatever the mapper file recommends
 
 
 @dataclass
@@ -34,6 +36,18 @@ class GenerateResult:
     w_plus: torch.Tensor        # [P*n, num_ws, w_dim] after truncation, on the CPU
     prompt_index: torch.Tensor  # [P*n] long: which prompt
     sample_index: torch.Tensor  # [P*n] long: which of its n samples
+    prior: str = "text"         # the generation prior used ("text" or "retrieval")
+
+
+@dataclass
+class EditSettings:
+    """An edit's arguments with every one the caller left out filled from the mapper file (`edit_settings`)."""
+
+    edits: list          # (text, beta) pairs, every beta a number
+    neutral: str | None  # None, a neutral text, or "auto"
+    direction: str       # "text" or "image"
+    layers: tuple[int | None, int | None] | None  # W+ rows [start, stop) the edit moves; None: all
+    contrast_sets: list | None  # the word sets "auto" swaps over (None unless neutral is "auto")
 
 
 @dataclass
@@ -46,6 +60,7 @@ class EditResult:
     edited: torch.Tensor          # [N, 3, R, R] G(w_plus_edited)
     directions: torch.Tensor      # [len(edits), N, num_ws, w_dim] the direction of each edit text, per image
     neutrals: list = field(default_factory=list)  # [len(edits)][N] the neutral text each direction used (or None)
+    settings: EditSettings | None = None  # the arguments the edit ran with, defaults filled in
 
 
 def validate_prompts(texts: Sequence[str]) -> list[str]:
@@ -115,12 +130,24 @@ def prior_features(clip, mapper, texts: Sequence[str], n: int, seed: int, prior:
     `mapper.config.generation_prior`) replaced by bank image features drawn for them
     (`retrieve_image_features`).
     """
-    prior = prior or mapper.config.generation_prior
-    check_generation_prior(prior)
+    prior = generation_prior(mapper, prior)
     text_features = mapper.text_to_image_features(clip.encode_text(texts).to(mapper.w_offset.device))  # [P, D]
     if prior == "retrieval":
         return retrieve_image_features(mapper, text_features, n, seed)
     return text_features.repeat_interleave(n, dim=0)
+
+
+def generation_prior(mapper, prior: str | None = None) -> str:
+    """The prior a prompt is mapped with: `prior` when given, else the mapper file's (`generation_prior`)."""
+    prior = prior or mapper.config.generation_prior
+    check_generation_prior(prior)
+    return prior
+
+
+def check_sizes(n: int, batch_size: int) -> None:
+    """UserInputError unless `n` (images per prompt) and `batch_size` are at least 1."""
+    if n < 1 or batch_size < 1:
+        raise UserInputError(f"`n` and `batch_size` must be at least 1, got {n} and {batch_size}")
 
 
 def invert(clip, mapper, images: torch.Tensor) -> torch.Tensor:
@@ -154,8 +181,7 @@ def generate(generator, clip, mapper, texts: Sequence[str], n: int = 8, seed: in
     products).
     """
     texts = validate_prompts(texts)
-    if n < 1 or batch_size < 1:
-        raise UserInputError(f"-n and the batch size must be at least 1, got {n} and {batch_size}")
+    check_sizes(n, batch_size)
     mode, strength = feature_noise or (mapper.config.noise_mode, mapper.config.sampling_noise_strength)
     with torch.no_grad():
         base = prior_features(clip, mapper, texts, n, seed, prior)                              # [P*n, D]
@@ -168,7 +194,8 @@ def generate(generator, clip, mapper, texts: Sequence[str], n: int = 8, seed: in
     images = synthesize(generator, w_plus, batch_size, noise_mode, progress)
     prompt_index = torch.arange(len(texts)).repeat_interleave(n)
     sample_index = torch.arange(n).repeat(len(texts))
-    return GenerateResult(images=images, w_plus=w_plus, prompt_index=prompt_index, sample_index=sample_index)
+    return GenerateResult(images=images, w_plus=w_plus, prompt_index=prompt_index, sample_index=sample_index,
+                          prior=generation_prior(mapper, prior))
 
 
 @torch.no_grad()
@@ -182,7 +209,7 @@ def retrieve_image_features(mapper, text_features: torch.Tensor, n: int, seed: i
     bank = mapper.image_feature_bank
     if bank.shape[0] == 0:
         raise UserInputError("this mapper has no image feature bank for the retrieval prior",
-                             hint="use --prior text, or a mapper file that stores a bank")
+                             hint="use `prior` text, or a mapper file that stores a bank")
     source = torch.Generator().manual_seed((int(seed) * 1_000_003 + 17) % (1 << 63))  # apart from the noise's
     uniforms = torch.stack([torch.rand((), generator=source) for _ in range(n)]).to(bank.device)  # [n]
     scores = F.normalize(text_features.float(), dim=-1) @ bank.float().T                     # [P, K]
@@ -265,7 +292,7 @@ def contrast_candidates(text: str, contrast_sets: Sequence[Sequence[str]]) -> li
         count *= len(members)
     if count > MAX_NEUTRAL_CANDIDATES:
         raise UserInputError(f"'{text}' holds too many contrast words to infer a neutral ({count} combinations)",
-                             hint="give --neutral TEXT")
+                             hint="give a `neutral` text")
     candidates = []
     for choice in itertools.product(*[members for _, _, members in kept]):
         pieces, cursor = [], 0
@@ -302,9 +329,9 @@ def parse_layers(spec: str) -> tuple[int | None, int | None]:
             raise ValueError
         bounds = tuple(int(part) if part.strip() else None for part in (start, stop))
     except ValueError:
-        raise UserInputError(f"--layers must be START:STOP (e.g. 2: or 0:4), got '{spec}'") from None
+        raise UserInputError(f"`layers` must be START:STOP (e.g. 2: or 0:4), got '{spec}'") from None
     if any(bound is not None and bound < 0 for bound in bounds):
-        raise UserInputError(f"--layers takes row numbers >= 0, got '{spec}'")
+        raise UserInputError(f"`layers` takes row numbers >= 0, got '{spec}'")
     return bounds
 
 
@@ -316,7 +343,7 @@ def layer_mask(num_ws: int, layers: tuple[int | None, int | None] | None) -> tor
     start, stop = layers
     start, stop = 0 if start is None else start, num_ws if stop is None else stop
     if not 0 <= start < stop <= num_ws:
-        raise UserInputError(f"--layers {layers[0] if layers[0] is not None else ''}:"
+        raise UserInputError(f"`layers` {layers[0] if layers[0] is not None else ''}:"
                              f"{layers[1] if layers[1] is not None else ''} selects no rows of this generator's "
                              f"{num_ws} W+ rows", hint=f"rows run from 0 to {num_ws - 1}")
     mask[start:stop] = 1
@@ -332,7 +359,7 @@ def refine_inversion(generator, w_plus: torch.Tensor, target: torch.Tensor, step
     `lpips(x, y)` takes images in [-1, 1] and returns a per-image distance. Returns the refined W+.
     """
     if steps < 0:
-        raise UserInputError(f"--refine-steps must be >= 0, got {steps}")
+        raise UserInputError(f"`refine_steps` must be >= 0, got {steps}")
     device = generator.w_avg.device
     target = target.to(device)
     w_opt = w_plus.detach().clone().to(device).requires_grad_(True)
@@ -351,9 +378,44 @@ def refine_inversion(generator, w_plus: torch.Tensor, target: torch.Tensor, step
     return w_opt.detach().cpu()
 
 
-def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str, float]],
+def edit_settings(mapper, edits: Sequence[tuple[str, float | None]], neutral: str | None = None,
+                  direction: str | None = None, layers: tuple[int | None, int | None] | None = None,
+                  contrast_sets: Sequence[Sequence[str]] | None = None) -> EditSettings:
+    """An edit's arguments, checked, with every one left as None filled from the mapper file (its config).
+
+    The one place an edit's defaults are decided: a beta of None is `edit_beta` (else DEFAULT_EDIT_BETA);
+    neutral None is `edit_neutral` ("none": no neutral, whatever the file says); direction None is
+    `edit_direction`; layers None is `edit_layers` ((None, None): every row); with neutral "auto",
+    contrast_sets None is `edit_contrast_sets`.
+    """
+    config = mapper.config
+    default_beta = config.edit_beta if config.edit_beta is not None else DEFAULT_EDIT_BETA
+    edits = [(text, default_beta if beta is None else beta) for text, beta in edits]
+    for text, beta in edits:
+        validate_prompts([text])
+        if not isinstance(beta, (int, float)) or beta != beta:
+            raise UserInputError(f"beta for '{text}' must be a number, got {beta!r}")
+    neutral = config.edit_neutral if neutral is None else (None if neutral == NEUTRAL_NONE else neutral)
+    if contrast_sets is not None:
+        contrast_sets = check_contrast_sets(contrast_sets)
+    if neutral == NEUTRAL_AUTO:
+        contrast_sets = contrast_sets if contrast_sets is not None else config.edit_contrast_sets
+        if not contrast_sets:
+            raise UserInputError("`neutral` auto needs contrast sets and this mapper has none",
+                                 hint="give `contrast_sets` or a `neutral` text")
+    elif contrast_sets is not None:
+        raise UserInputError("`contrast_sets` is used only with `neutral` auto")
+    elif neutral is not None:
+        validate_prompts([neutral])
+    direction = direction or config.edit_direction
+    check_edit_direction(direction)
+    layers = config.edit_layers if layers is None else tuple(layers)
+    return EditSettings(edits=edits, neutral=neutral, direction=direction, layers=layers, contrast_sets=contrast_sets)
+
+
+def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str, float | None]],
          neutral: str | None = None, refine_steps: int = 0, lpips=None, w_plus: torch.Tensor | None = None,
-         refine_lr: float = 0.01, noise_mode: str = "const", direction: str = "text",
+         refine_lr: float = 0.01, noise_mode: str = "const", direction: str | None = None,
          layers: tuple[int | None, int | None] | None = None,
          contrast_sets: Sequence[Sequence[str]] | None = None,
          progress: Callable[[int], None] | None = None) -> EditResult:
@@ -364,28 +426,46 @@ def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str
     the point "image" directions are taken at).
     edits: (text, beta) pairs (an empty list gives just the reconstruction).
     direction: "text" (the paper) or "image" (see `edit_directions`); layers: the W+ rows
-    [start, stop) the edit moves (None: all), e.g. (2, None) leaves the coarsest rows alone.
-    neutral: None, a text, or "auto": for each edit text and image, `infer_neutrals` over `contrast_sets`
-    (default: the mapper's `edit_contrast_sets`); the result's `neutrals` says what each edit used.
+    [start, stop) the edit moves, e.g. (2, None) leaves the coarsest rows alone.
+    neutral: a text, "none", or "auto": for each edit text and image, `infer_neutrals` over `contrast_sets`;
+    the result's `neutrals` says what each edit used.
+    Every argument left as None (a beta, neutral, direction, layers, contrast_sets) is the mapper file's
+    (`edit_settings`); the result's `settings` holds what the edit ran with.
     """
-    for text, beta in edits:
-        validate_prompts([text])
-        if not isinstance(beta, (int, float)) or beta != beta:
-            raise UserInputError(f"beta for '{text}' must be a number, got {beta!r}")
-    auto = neutral == NEUTRAL_AUTO
-    if auto:
-        contrast_sets = contrast_sets if contrast_sets is not None else mapper.config.edit_contrast_sets
-        if not contrast_sets:
-            raise UserInputError("--neutral auto needs contrast sets and this mapper has none",
-                                 hint="give --contrast WORD,WORD,... or --neutral TEXT")
-    elif neutral is not None:
-        validate_prompts([neutral])
-    check_edit_direction(direction)
-    mask = layer_mask(generator.num_ws, layers)
+    settings = edit_settings(mapper, edits, neutral, direction, layers, contrast_sets)
+    if refine_steps < 0:
+        raise UserInputError(f"`refine_steps` must be >= 0, got {refine_steps}")
+    mask = layer_mask(generator.num_ws, settings.layers)
+    auto = settings.neutral == NEUTRAL_AUTO
     image_features = None
-    if direction == "image" or w_plus is None or auto:
+    if settings.direction == "image" or w_plus is None or auto:
         with torch.no_grad():
             image_features = clip.encode_image(image)
+    w_plus = _start_latent(generator, mapper, image_features, w_plus)
+    if refine_steps > 0:
+        w_plus = refine_inversion(generator, w_plus, image, refine_steps, lr=refine_lr, lpips=lpips,
+                                  noise_mode=noise_mode, progress=progress)
+    count = w_plus.shape[0]
+    if auto:
+        neutrals = [infer_neutrals(clip, mapper, text, image_features, settings.contrast_sets)
+                    for text, _ in settings.edits]
+    else:
+        neutrals = [[settings.neutral] * count for _ in settings.edits]
+    if settings.edits:
+        directions = edit_directions(clip, mapper, settings.edits, neutrals if auto else settings.neutral,
+                                     settings.direction, image_features).expand(-1, count, -1, -1)
+        betas = torch.tensor([float(beta) for _, beta in settings.edits]).view(-1, 1, 1, 1)
+        w_plus_edited = w_plus + mask * (betas * directions).sum(0)
+    else:
+        directions = torch.zeros(0, count, generator.num_ws, generator.w_dim)
+        w_plus_edited = w_plus.clone()
+    both = synthesize(generator, torch.cat([w_plus, w_plus_edited]), noise_mode=noise_mode)
+    return EditResult(w_plus=w_plus, reconstruction=both[:count], w_plus_edited=w_plus_edited,
+                      edited=both[count:], directions=directions, neutrals=neutrals, settings=settings)
+
+
+def _start_latent(generator, mapper, image_features: torch.Tensor | None, w_plus: torch.Tensor | None) -> torch.Tensor:
+    """The W+ an edit starts from, on the CPU: the given code, else the inversion M(C_img(x))."""
     if w_plus is None:
         with torch.no_grad():
             w_plus = mapper(image_features.to(mapper.w_offset.device)).float().cpu()
@@ -394,25 +474,7 @@ def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str
     if w_plus.shape[1:] != (generator.num_ws, generator.w_dim):
         raise UserInputError(f"latent has shape {tuple(w_plus.shape)}; this generator needs "
                              f"[N, {generator.num_ws}, {generator.w_dim}]")
-    if refine_steps > 0:
-        w_plus = refine_inversion(generator, w_plus, image, refine_steps, lr=refine_lr, lpips=lpips,
-                                  noise_mode=noise_mode, progress=progress)
-    count = w_plus.shape[0]
-    if auto:
-        neutrals = [infer_neutrals(clip, mapper, text, image_features, contrast_sets) for text, _ in edits]
-    else:
-        neutrals = [[neutral] * count for _ in edits]
-    if edits:
-        directions = edit_directions(clip, mapper, edits, neutrals if auto else neutral, direction, image_features)
-        directions = directions.expand(-1, count, -1, -1)
-        betas = torch.tensor([float(beta) for _, beta in edits]).view(-1, 1, 1, 1)
-        w_plus_edited = w_plus + mask * (betas * directions).sum(0)
-    else:
-        directions = torch.zeros(0, count, generator.num_ws, generator.w_dim)
-        w_plus_edited = w_plus.clone()
-    both = synthesize(generator, torch.cat([w_plus, w_plus_edited]), noise_mode=noise_mode)
-    return EditResult(w_plus=w_plus, reconstruction=both[:count], w_plus_edited=w_plus_edited,
-                      edited=both[count:], directions=directions, neutrals=neutrals)
+    return w_plus
 
 
 def interpolate(w_a: torch.Tensor, w_b: torch.Tensor, frames: int = 24, spherical: bool = False) -> torch.Tensor:
@@ -421,8 +483,7 @@ def interpolate(w_a: torch.Tensor, w_b: torch.Tensor, frames: int = 24, spherica
     Linear by default. spherical=True interpolates each W vector's direction along the great circle
     and its length linearly (falls back to linear where the two directions are nearly parallel).
     """
-    if frames < 2:
-        raise UserInputError(f"--frames must be at least 2, got {frames}")
+    check_frames(frames)
     w_a, w_b = _single(w_a, "A"), _single(w_b, "B")
     if w_a.shape != w_b.shape:
         raise UserInputError(f"cannot interpolate W+ codes of shapes {tuple(w_a.shape)} and {tuple(w_b.shape)}")
@@ -442,6 +503,12 @@ def interpolate(w_a: torch.Tensor, w_b: torch.Tensor, frames: int = 24, spherica
     return result
 
 
+def check_frames(frames: int) -> None:
+    """UserInputError unless an interpolation has at least its two endpoints."""
+    if frames < 2:
+        raise UserInputError(f"`frames` must be at least 2, got {frames}")
+
+
 def _single(w: torch.Tensor, label: str) -> torch.Tensor:
     """One W+ code [num_ws, w_dim] from [1, num_ws, w_dim] or [num_ws, w_dim]."""
     if w.ndim == 3 and w.shape[0] == 1:
@@ -451,8 +518,8 @@ def _single(w: torch.Tensor, label: str) -> torch.Tensor:
     return w.float().cpu()
 
 
-def parse_beta(text: str, what: str = "--beta") -> float:
-    """A finite float from the command line, or UserInputError naming the option."""
+def parse_beta(text: str, what: str = "`beta`") -> float:
+    """A finite float from text, or UserInputError naming `what`."""
     import math
 
     try:
@@ -468,5 +535,5 @@ def parse_edit(spec: str) -> tuple[str, float]:
     """`TEXT:BETA` -> (text, beta); the last colon splits, so texts may contain colons."""
     text, sep, beta = spec.rpartition(":")
     if not sep or not text.strip() or not beta.strip():
-        raise UserInputError(f"malformed --edit '{spec}'", hint="expected TEXT:BETA, e.g. --edit beard:2")
-    return text.strip(), parse_beta(beta.strip(), f"beta in --edit '{spec}'")
+        raise UserInputError(f"malformed `edit` '{spec}'", hint="expected TEXT:BETA, e.g. `edit` beard:2")
+    return text.strip(), parse_beta(beta.strip(), f"beta in `edit` '{spec}'")

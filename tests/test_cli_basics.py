@@ -70,3 +70,58 @@ def test_first_line_of_an_error_message():
     assert first_line(ValueError("")) == "ValueError"  # an empty message must not break the report
     assert first_line(OSError("  \n")) == "OSError"
     assert first_line(KeyError("x" * 500), limit=10) == "'xxxxxxxxx"
+
+
+def test_registry_tables_fit_80_columns_one_line_per_row():
+    import io
+
+    from rich.console import Console
+
+    from clip2gan_cli import weights
+    from clip2gan_cli.registry_listing import registry_tables, short_license
+
+    registry = weights.load_registry()
+    assert short_license("NVIDIA Source Code License-NC (non-commercial research use only)") == \
+        "NVIDIA Source Code License-NC"
+    assert short_license("MIT (OpenAI CLIP); model card: research use") == "MIT"
+    output = io.StringIO()
+    console = Console(file=output, width=80, color_system=None)
+    files, packs = registry_tables(registry)
+    console.print(files)
+    console.print(packs)
+    lines = output.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for entry in registry.files.values():  # each row is one line holding its name and whole license label
+        rows = [line for line in lines if line.startswith(entry.name + " ")]
+        assert len(rows) == 1 and short_license(entry.license) in rows[0], rows
+    for pack in registry.packs.values():
+        assert len([line for line in lines if line.startswith(pack.name + " ")]) == 1
+    # header, rule, rows and a blank line per table (titles may wrap: a long registry path)
+    assert sum(1 for line in lines if line.strip()) <= len(registry.files) + len(registry.packs) + 4 + 4
+
+
+def test_list_json_gives_every_field_and_the_full_license(cli_runner):
+    import json
+
+    from clip2gan_cli import weights
+
+    result = cli_runner(["download-weights", "--list", "--json"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    registry = weights.load_registry()
+    files = {record["file"]: record for record in records if "file" in record}
+    assert set(files) == set(registry.files)
+    assert all(files[name]["license"] == entry.license and files[name]["format"] == entry.format
+               for name, entry in registry.files.items())
+    assert {record["pack"] for record in records if "pack" in record} == set(registry.packs)
+
+
+def test_library_parameters_become_flags_in_cli_errors():
+    from clip2gan_cli.cli import as_flags
+
+    assert as_flags("`frames` must be at least 2, got 1") == "--frames must be at least 2, got 1"
+    assert as_flags("`n` and `batch_size` must be at least 1") == "-n and --batch-size must be at least 1"
+    assert as_flags("no face found in a.png; use `align=False`") == "no face found in a.png; use --no-align"
+    # names it does not know, and commands in backquotes, are left as they are
+    assert as_flags("`other` is odd; run `clip2gan download-weights x`") == \
+        "`other` is odd; run `clip2gan download-weights x`"

@@ -113,7 +113,7 @@ def test_beta_is_a_finite_float_or_a_user_error(text):
     try:
         value = parse_beta(text)
     except UserInputError as error:
-        assert "--beta" in str(error)
+        assert "`beta`" in str(error)  # the CLI says --beta
         return
     assert math.isfinite(value)
 

@@ -157,7 +157,7 @@ def test_mtcnn_aligns_the_astronaut_photo_like_ffhq():
 
 def test_no_face_says_use_no_align(tmp_path):
     path = _save(Image.new("RGB", (128, 128), (90, 140, 200)), tmp_path / "sky.png")
-    with pytest.raises(ImageError, match="no face found in .*sky.png; use --no-align"):
+    with pytest.raises(ImageError, match="no face found in .*sky.png; use `align=False`"):  # the CLI says --no-align
         imageio.load_image_tensor(path, 64, align=True)
 
 
@@ -193,7 +193,7 @@ def test_gif_has_every_frame_and_mp4_without_encoder_is_a_clear_error(tmp_path, 
     path = imageio.save_gif(tmp_path / "a.gif", list(imageio.to_uint8(frames)))
     with Image.open(path) as gif:
         assert gif.n_frames == 5
-    monkeypatch.setattr(imageio, "mp4_encoder", lambda: None)
+    monkeypatch.setattr(imageio.video, "mp4_encoder", lambda: None)
     with pytest.raises(UserInputError, match="encoder package") as caught:
         imageio.save_mp4(tmp_path / "a.mp4", list(imageio.to_uint8(frames)))
     assert "pip install av" in caught.value.one_line()
@@ -256,3 +256,21 @@ def test_output_directory_that_is_a_file_or_read_only(tmp_path):
             imageio.check_output_dir(read_only / "sub")
     finally:
         read_only.chmod(0o700)
+
+
+# Every public name of the former single-file imageio module (split into imageio/images, faces, latents,
+# video, publish, outputs, prompts) still imports from the package.
+FORMER_PUBLIC_NAMES = [
+    "IMAGE_FORMATS", "LATENT_KEY", "MAX_PIXELS", "MIN_SIDE", "PNG_CHANNELS", "align_face", "center_crop_resize",
+    "check_output_dir", "detect_face_landmarks", "load_image_tensor", "load_latent", "make_grid", "mp4_encoder",
+    "pil_to_tensor", "publish_new_file", "read_image", "read_png_metadata", "read_prompt_args", "save_gif",
+    "save_image", "save_latent", "save_mp4", "save_png", "slugify", "to_rgb", "to_uint8", "write_edit_outputs",
+    "write_generate_outputs", "write_interpolation_outputs",
+]
+
+
+@pytest.mark.parametrize("name", FORMER_PUBLIC_NAMES)
+def test_every_former_public_name_imports_from_the_package(name):
+    namespace = {}
+    exec(f"from clip2gan_cli.imageio import {name}", namespace)
+    assert namespace[name] is getattr(imageio, name)

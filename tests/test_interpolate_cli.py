@@ -92,7 +92,7 @@ def test_image_endpoint_and_spherical(cli_runner, tiny_pack, tmp_path):
 def test_mp4_without_an_encoder_fails_before_writing(cli_runner, tiny_pack, tmp_path, monkeypatch):
     from clip2gan_cli import imageio
 
-    monkeypatch.setattr(imageio, "mp4_encoder", lambda: None)
+    monkeypatch.setattr(imageio.video, "mp4_encoder", lambda: None)
     result = _run(cli_runner, tiny_pack, tmp_path / "frames", "a", "b", "--mp4", tmp_path / "x.mp4")
     assert_one_line_error(result, "writing MP4 needs an encoder package", "pip install av")
     assert written_files(tmp_path) == []

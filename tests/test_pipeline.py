@@ -164,7 +164,7 @@ def test_truncation_zero_collapses_to_the_average_latent(tiny_models):
 
 @pytest.mark.parametrize("texts, n, message", [
     ([], 1, "no prompt"), ([""], 1, "empty prompt"), (["  "], 1, "empty prompt"),
-    (["a red circle"], 0, "-n and the batch size"),
+    (["a red circle"], 0, "`n` and `batch_size` must be at least 1"),  # the CLI says -n and --batch-size
 ])
 def test_generate_rejects_bad_requests(tiny_models, texts, n, message):
     with pytest.raises(UserInputError, match=message):
@@ -318,7 +318,7 @@ def test_parse_layers(spec, expected):
 
 @pytest.mark.parametrize("spec", ["2", "a:b", "1:2:3", "-1:", ""])
 def test_parse_layers_rejects_malformed_specs(spec):
-    with pytest.raises(UserInputError, match="--layers"):
+    with pytest.raises(UserInputError, match="`layers`"):  # the CLI says --layers
         pipeline.parse_layers(spec)
 
 
@@ -363,7 +363,7 @@ def test_interpolate_frame_count_and_exact_endpoints(spherical):
 
 
 def test_interpolate_rejects_too_few_frames_and_mismatched_codes():
-    with pytest.raises(UserInputError, match="--frames"):
+    with pytest.raises(UserInputError, match="`frames` must be at least 2"):  # the CLI says --frames
         pipeline.interpolate(torch.zeros(6, 32), torch.zeros(6, 32), 1)
     with pytest.raises(UserInputError, match="shapes"):
         pipeline.interpolate(torch.zeros(6, 32), torch.zeros(4, 32), 3)
@@ -377,13 +377,13 @@ def test_parse_edit_valid(spec, expected):
 
 @pytest.mark.parametrize("spec", ["beard", "beard:", ":2", "beard:two", "beard:nan", "beard:inf", ""])
 def test_parse_edit_malformed(spec):
-    with pytest.raises(UserInputError, match="--edit|beta"):
+    with pytest.raises(UserInputError, match="`edit`|beta"):  # the CLI says --edit
         pipeline.parse_edit(spec)
 
 
 def test_parse_beta_rejects_non_numbers():
     assert pipeline.parse_beta("-0.5") == -0.5
-    with pytest.raises(UserInputError, match="--beta must be a number"):
+    with pytest.raises(UserInputError, match="`beta` must be a number"):  # the CLI says --beta
         pipeline.parse_beta("strong")
 
 
@@ -400,3 +400,52 @@ def test_parse_edit_round_trips_any_text_and_finite_beta():
         assert pipeline.parse_edit(f"{text}:{beta!r}") == (text, beta)
 
     check()
+
+
+# --- the mapper file's edit defaults: one resolver, explicit values win ---
+def _with_edit_defaults(monkeypatch, mapper, **defaults):
+    import dataclasses
+
+    monkeypatch.setattr(mapper, "config", dataclasses.replace(mapper.config, **defaults))
+
+
+def test_edit_settings_fill_what_is_left_out_from_the_mapper_file(tiny_models, monkeypatch):
+    mapper = tiny_models.mapper
+    assert pipeline.edit_settings(mapper, [("blue", None)]).edits == [("blue", pipeline.DEFAULT_EDIT_BETA)]
+    _with_edit_defaults(monkeypatch, mapper, edit_beta=1.25, edit_direction="image", edit_layers=(2, None),
+                        edit_neutral="auto", edit_contrast_sets=[COLOURS])
+    filled = pipeline.edit_settings(mapper, [("blue", None), ("red", -1.0)])
+    assert filled == pipeline.EditSettings(edits=[("blue", 1.25), ("red", -1.0)], neutral="auto", direction="image",
+                                           layers=(2, None), contrast_sets=[COLOURS])
+    given = pipeline.edit_settings(mapper, [("blue", 0.5)], neutral="none", direction="text", layers=(None, None))
+    assert given == pipeline.EditSettings(edits=[("blue", 0.5)], neutral=None, direction="text",
+                                          layers=(None, None), contrast_sets=None)
+    assert pipeline.edit_settings(mapper, [("blue", 1.0)], neutral="a red circle").neutral == "a red circle"
+    assert pipeline.edit_settings(mapper, [("blue", 1.0)], contrast_sets=[["big", "small"]]).contrast_sets == [
+        ["big", "small"]]  # given sets replace the mapper's
+
+
+def test_edit_settings_refuse_contrast_sets_without_auto_naming_parameters(tiny_models):
+    with pytest.raises(UserInputError, match="`contrast_sets` is used only with `neutral` auto"):
+        pipeline.edit_settings(tiny_models.mapper, [("blue", 1.0)], contrast_sets=[COLOURS])
+    with pytest.raises(UserInputError, match="`neutral` auto needs contrast sets"):
+        pipeline.edit_settings(tiny_models.mapper, [("blue", 1.0)], neutral="auto")
+    with pytest.raises(UserInputError, match="unknown edit direction"):
+        pipeline.edit_settings(tiny_models.mapper, [("blue", 1.0)], direction="pixels")
+
+
+def test_edit_with_nothing_given_equals_edit_with_the_mapper_files_values(tiny_models, monkeypatch):
+    models = tiny_models
+    image = _generate(models, n=1, seed=4).images
+    explicit = pipeline.edit(models.generator, models.clip, models.mapper, image, [("blue", 1.25)],
+                             neutral="auto", direction="image", layers=(2, None), contrast_sets=[COLOURS])
+    plain = pipeline.edit(models.generator, models.clip, models.mapper, image, [("blue", 1.25)])
+    _with_edit_defaults(monkeypatch, models.mapper, edit_beta=1.25, edit_direction="image", edit_layers=(2, None),
+                        edit_neutral="auto", edit_contrast_sets=[COLOURS])
+    defaulted = pipeline.edit(models.generator, models.clip, models.mapper, image, [("blue", None)])
+    assert defaulted.settings == explicit.settings and defaulted.neutrals == explicit.neutrals
+    torch.testing.assert_close(defaulted.w_plus_edited, explicit.w_plus_edited, rtol=0, atol=0)
+    overridden = pipeline.edit(models.generator, models.clip, models.mapper, image, [("blue", 1.25)],
+                               neutral="none", direction="text", layers=(None, None))
+    torch.testing.assert_close(overridden.w_plus_edited, plain.w_plus_edited, rtol=0, atol=0)
+    assert not torch.equal(defaulted.w_plus_edited, plain.w_plus_edited)
