@@ -79,6 +79,14 @@ def tiny_models(tiny_pack):
 
 
 @pytest.fixture
+def tiny_pack_name(tiny_pack) -> str:
+    """The tiny pack registered as `tiny` in this test's own $CLIP2GAN_HOME (--pack brings its small D)."""
+    from tiny_models import register_tiny_pack
+
+    return register_tiny_pack(tiny_pack, "tiny")
+
+
+@pytest.fixture
 def server():
     """A file server on 127.0.0.1 for this test (file_server.FileServer)."""
     from file_server import FileServer

@@ -6,14 +6,9 @@ import json
 
 import pytest
 from test_metrics_eval import write_noise_images, write_prompts
-from tiny_models import make_tiny_pack, register_tiny_pack
+from tiny_models import register_tiny_pack
 
 REPORT_KEYS = {"fid", "n_real", "n_fake", "features", "feature_weights_sha256", "versions"}
-
-
-@pytest.fixture(scope="module")
-def tiny_pack_files(tmp_path_factory):
-    return make_tiny_pack(tmp_path_factory.mktemp("tiny_pack_cli"))
 
 
 @pytest.fixture
@@ -21,36 +16,36 @@ def folders(tmp_path):
     return write_noise_images(tmp_path / "real", 6, seed=0), write_noise_images(tmp_path / "fake", 6, seed=1)
 
 
-def clip_args(tiny_pack_files):
-    return ["--features", "clip", "--pack", register_tiny_pack(tiny_pack_files, "tiny"), "--device", "cpu", "-q"]
+def clip_args(tiny_pack):
+    return ["--features", "clip", "--pack", register_tiny_pack(tiny_pack, "tiny"), "--device", "cpu", "-q"]
 
 
-def test_json_report_on_stdout_table_on_stderr(cli_runner, folders, tiny_pack_files, tmp_path):
+def test_json_report_on_stdout_table_on_stderr(cli_runner, folders, tiny_pack, tmp_path):
     real, fake = folders
     report_file = tmp_path / "out" / "report.json"
-    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files), "--kid",
+    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack), "--kid",
                          "--kid-subset-size", "4", "--kid-subsets", "5", "--json", "--report", report_file])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
     assert REPORT_KEYS | {"kid_mean", "kid_std"} <= set(report)
     assert report["features"] == "clip" and report["n_real"] == report["n_fake"] == 6
     assert report["fid"] > 0
-    assert report["feature_weights_sha256"] == hashlib.sha256(tiny_pack_files.clip_weights.read_bytes()).hexdigest()
+    assert report["feature_weights_sha256"] == hashlib.sha256(tiny_pack.clip_weights.read_bytes()).hexdigest()
     assert {"torch", "torch-fidelity", "open_clip", "clip2gan"} <= set(report["versions"])
     assert "FD_CLIP" in result.stderr
     assert json.loads(report_file.read_text()) == report
 
 
-def test_table_on_stdout_without_json(cli_runner, folders, tiny_pack_files):
+def test_table_on_stdout_without_json(cli_runner, folders, tiny_pack):
     real, fake = folders
-    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files)])
+    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack)])
     assert result.exit_code == 0, result.output
     assert "FD_CLIP" in result.stdout and "real images" in result.stdout
 
 
-def test_second_run_reads_real_statistics_from_the_cache(cli_runner, folders, tiny_pack_files, clip2gan_home):
+def test_second_run_reads_real_statistics_from_the_cache(cli_runner, folders, tiny_pack, clip2gan_home):
     real, fake = folders
-    args = ["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files), "--json"]
+    args = ["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack), "--json"]
     first, second = json.loads(cli_runner(args).stdout), json.loads(cli_runner(args).stdout)
     assert (first["real_stats_cached"], second["real_stats_cached"]) == (False, True)
     assert second["fid"] == pytest.approx(first["fid"], rel=1e-9)
@@ -59,11 +54,11 @@ def test_second_run_reads_real_statistics_from_the_cache(cli_runner, folders, ti
     assert third["real_stats_cached"] is False
 
 
-def test_prompts_report_clip_score_and_diversity(cli_runner, folders, tiny_pack_files, tmp_path, monkeypatch):
+def test_prompts_report_clip_score_and_diversity(cli_runner, folders, tiny_pack, tmp_path, monkeypatch):
     monkeypatch.setenv("CLIP2GAN_OFFLINE", "1")  # no AlexNet for LPIPS: the documented L1 fallback
     real, _ = folders
     prompts = write_prompts(tmp_path / "prompts.txt", "a red circle", "a blue square")
-    result = cli_runner(["eval-fid", "--real", real, "--prompts", prompts, "-n", "3", *clip_args(tiny_pack_files),
+    result = cli_runner(["eval-fid", "--real", real, "--prompts", prompts, "-n", "3", *clip_args(tiny_pack),
                          "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -122,10 +117,10 @@ def run_error(cli_runner, args):
     return result.stderr
 
 
-def test_missing_real_folder(cli_runner, tmp_path, tiny_pack_files):
+def test_missing_real_folder(cli_runner, tmp_path, tiny_pack):
     fake = write_noise_images(tmp_path / "fake", 3, seed=0)
     assert "does not exist" in run_error(cli_runner, ["--real", tmp_path / "nope", "--fake", fake,
-                                                      *clip_args(tiny_pack_files)])
+                                                      *clip_args(tiny_pack)])
 
 
 def test_missing_folder_is_reported_before_any_weights_are_fetched(cli_runner, tmp_path, monkeypatch):
@@ -136,30 +131,30 @@ def test_missing_folder_is_reported_before_any_weights_are_fetched(cli_runner, t
     assert "does not exist" in run_error(cli_runner, ["--real", tmp_path / "nope", "--fake", fake])
 
 
-def test_empty_fake_folder(cli_runner, folders, tmp_path, tiny_pack_files):
+def test_empty_fake_folder(cli_runner, folders, tmp_path, tiny_pack):
     (tmp_path / "empty").mkdir()
     real, _ = folders
     assert "holds no images" in run_error(cli_runner, ["--real", real, "--fake", tmp_path / "empty",
-                                                       *clip_args(tiny_pack_files)])
+                                                       *clip_args(tiny_pack)])
 
 
-def test_one_real_image_says_fid_needs_two(cli_runner, folders, tmp_path, tiny_pack_files):
+def test_one_real_image_says_fid_needs_two(cli_runner, folders, tmp_path, tiny_pack):
     one = write_noise_images(tmp_path / "one", 1, seed=0)
     _, fake = folders
     assert "FID needs at least 2 images" in run_error(cli_runner, ["--real", one, "--fake", fake,
-                                                                   *clip_args(tiny_pack_files)])
+                                                                   *clip_args(tiny_pack)])
 
 
-def test_kid_with_too_few_images_says_the_subset_size(cli_runner, folders, tiny_pack_files):
+def test_kid_with_too_few_images_says_the_subset_size(cli_runner, folders, tiny_pack):
     real, fake = folders
-    stderr = run_error(cli_runner, ["--real", real, "--fake", fake, *clip_args(tiny_pack_files), "--kid"])
+    stderr = run_error(cli_runner, ["--real", real, "--fake", fake, *clip_args(tiny_pack), "--kid"])
     assert "at least 1000 images" in stderr and "--kid-subset-size" in stderr
 
 
-def test_unreadable_files_are_skipped_with_a_count(cli_runner, folders, tiny_pack_files):
+def test_unreadable_files_are_skipped_with_a_count(cli_runner, folders, tiny_pack):
     real, fake = folders
     (fake / "broken.png").write_bytes(b"not a png")
-    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files), "--json"])
+    result = cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert (report["n_fake"], report["n_fake_skipped"]) == (6, 1)
@@ -181,15 +176,15 @@ def test_empty_prompts_file_is_refused(cli_runner, folders, tmp_path):
 # --------------------------------------------------------------------------- issue 15: new flags
 
 
-def test_save_stats_then_stats_gives_the_same_distance(cli_runner, folders, tiny_pack_files, tmp_path):
+def test_save_stats_then_stats_gives_the_same_distance(cli_runner, folders, tiny_pack, tmp_path):
     real, fake = folders
     saved = tmp_path / "stats" / "real.npz"
-    made = cli_runner(["eval-fid", "--real", real, "--save-stats", saved, *clip_args(tiny_pack_files), "--json"])
+    made = cli_runner(["eval-fid", "--real", real, "--save-stats", saved, *clip_args(tiny_pack), "--json"])
     assert made.exit_code == 0, made.output
     assert json.loads(made.stdout)["n_real"] == 6 and saved.is_file()
-    direct = json.loads(cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files),
+    direct = json.loads(cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack),
                                     "--json"]).stdout)
-    result = cli_runner(["eval-fid", "--stats", saved, "--fake", fake, *clip_args(tiny_pack_files), "--json"])
+    result = cli_runner(["eval-fid", "--stats", saved, "--fake", fake, *clip_args(tiny_pack), "--json"])
     assert result.exit_code == 0, result.output
     from_file = json.loads(result.stdout)
     assert from_file["fid"] == pytest.approx(direct["fid"], rel=1e-9)
@@ -198,9 +193,9 @@ def test_save_stats_then_stats_gives_the_same_distance(cli_runner, folders, tiny
     assert "precision/recall need --real DIR" in result.stderr
 
 
-def test_report_names_mode_resize_weights_and_counts(cli_runner, folders, tiny_pack_files):
+def test_report_names_mode_resize_weights_and_counts(cli_runner, folders, tiny_pack):
     real, fake = folders
-    report = json.loads(cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack_files),
+    report = json.loads(cli_runner(["eval-fid", "--real", real, "--fake", fake, *clip_args(tiny_pack),
                                     "--json"]).stdout)
     assert {"fid_mode", "resize", "feature_weights_sha256", "n_real", "n_fake", "precision", "recall", "seed"} \
         <= set(report)
@@ -208,7 +203,7 @@ def test_report_names_mode_resize_weights_and_counts(cli_runner, folders, tiny_p
     assert report["fd_name"] == "FD_CLIP" and report["prc_k"] == 3
 
 
-def test_score_clip_separate_from_the_packs_and_r_precision(cli_runner, folders, tiny_pack_files, tmp_path,
+def test_score_clip_separate_from_the_packs_and_r_precision(cli_runner, folders, tiny_pack, tmp_path,
                                                             monkeypatch):
     from tiny_models import make_tiny_pack
 
@@ -216,7 +211,7 @@ def test_score_clip_separate_from_the_packs_and_r_precision(cli_runner, folders,
     real, _ = folders
     other = make_tiny_pack(tmp_path / "other_clip", seed=1, with_mapper=False)
     prompts = write_prompts(tmp_path / "prompts.txt", "a red circle", "a blue square", "a green triangle")
-    common = ["eval-fid", "--real", real, "--prompts", prompts, "-n", "2", *clip_args(tiny_pack_files), "--json"]
+    common = ["eval-fid", "--real", real, "--prompts", prompts, "-n", "2", *clip_args(tiny_pack), "--json"]
     own = cli_runner(common)
     separate = cli_runner(common + ["--score-clip", str(other.clip_config)])
     assert own.exit_code == 0 and separate.exit_code == 0, own.output + separate.output
@@ -237,16 +232,16 @@ def test_score_clip_separate_from_the_packs_and_r_precision(cli_runner, folders,
     (["--prior", "text"], "--prior only applies with --prompts"),
     (["--features", "vgg"], "unknown --features 'vgg'"),
 ])
-def test_new_flags_bad_values_give_one_line(cli_runner, folders, tiny_pack_files, extra, message):
+def test_new_flags_bad_values_give_one_line(cli_runner, folders, tiny_pack, extra, message):
     real, fake = folders
-    assert message in run_error(cli_runner, ["--real", real, "--fake", fake, *clip_args(tiny_pack_files), *extra])
+    assert message in run_error(cli_runner, ["--real", real, "--fake", fake, *clip_args(tiny_pack), *extra])
 
 
-def test_stats_file_errors_give_one_line(cli_runner, folders, tiny_pack_files, tmp_path):
+def test_stats_file_errors_give_one_line(cli_runner, folders, tiny_pack, tmp_path):
     import numpy as np
 
     real, fake = folders
-    args = ["--fake", fake, *clip_args(tiny_pack_files)]
+    args = ["--fake", fake, *clip_args(tiny_pack)]
     assert "does not exist" in run_error(cli_runner, ["--stats", tmp_path / "none.npz", *args])
     assert "not both" in run_error(cli_runner, ["--real", real, "--stats", tmp_path / "none.npz", *args])
     np.savez(tmp_path / "legacy.npz", mu=np.zeros(4), sigma=np.eye(4), mode="legacy")
@@ -254,7 +249,7 @@ def test_stats_file_errors_give_one_line(cli_runner, folders, tiny_pack_files, t
                                                                               *args])
     (tmp_path / "folder.npz").mkdir()
     assert "is a folder" in run_error(cli_runner, ["--real", real, "--save-stats", tmp_path / "folder.npz",
-                                                   *clip_args(tiny_pack_files)])
+                                                   *clip_args(tiny_pack)])
     assert "--save-stats needs --real" in run_error(cli_runner, ["--stats", tmp_path / "legacy.npz", "--save-stats",
                                                                  tmp_path / "x.npz", *args])
     assert "--kid needs the real images" in run_error(cli_runner, ["--stats", tmp_path / "legacy.npz", "--kid",

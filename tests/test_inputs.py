@@ -6,7 +6,7 @@ import torch
 
 from clip2gan_cli import imageio, inputs, pipeline
 from clip2gan_cli.errors import ImageError
-from tiny_models import TINY_RESOLUTION, tiny_models, tiny_pack  # noqa: F401  (fixtures)
+from tiny_models import TINY_RESOLUTION
 
 
 def _image_file(models, path):

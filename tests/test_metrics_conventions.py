@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_metrics_fid import PixelFeatures, random_inception_weights, write_images  # noqa: F401 (fixture)
+from test_metrics_fid import PixelFeatures, write_images
 
 from clip2gan_cli.errors import UserInputError
 from clip2gan_cli.metrics import clip_score, feature_spaces, fid, precision_recall, stats_file

@@ -6,21 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_pack, register_tiny_pack
 
 from clip2gan_cli.errors import UserInputError
 from clip2gan_cli.metrics import EvalConfig, clip_score, diversity, evaluate, read_prompts_file
-
-
-@pytest.fixture(scope="module")
-def tiny_pack_files(tmp_path_factory):
-    return make_tiny_pack(tmp_path_factory.mktemp("tiny_pack_eval"))
-
-
-@pytest.fixture
-def tiny_pack_name(tiny_pack_files) -> str:
-    """The tiny pack registered in this test's own $CLIP2GAN_HOME."""
-    return register_tiny_pack(tiny_pack_files, "tiny")
 
 
 def write_noise_images(folder: Path, count: int, seed: int, size: int = 16) -> Path:
@@ -41,10 +29,10 @@ def write_prompts(path: Path, *prompts: str) -> Path:
 # --------------------------------------------------------------------------- CLIP score
 
 
-def test_clip_score_is_100_times_the_clamped_cosine(tiny_pack_files):
+def test_clip_score_is_100_times_the_clamped_cosine(tiny_pack):
     from tiny_models import load_tiny_models
 
-    clip = load_tiny_models(tiny_pack_files).clip
+    clip = load_tiny_models(tiny_pack).clip
     images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     scores = clip_score.clip_scores(clip, "a red circle", images, batch_size=2)
     with torch.no_grad():
@@ -53,10 +41,10 @@ def test_clip_score_is_100_times_the_clamped_cosine(tiny_pack_files):
     assert clip_score.mean_clip_score([scores[:2], scores[2:]]) == pytest.approx(float(scores.mean()))
 
 
-def test_clip_score_of_uint8_images_equals_their_float_form(tiny_pack_files):
+def test_clip_score_of_uint8_images_equals_their_float_form(tiny_pack):
     from tiny_models import load_tiny_models
 
-    clip = load_tiny_models(tiny_pack_files).clip
+    clip = load_tiny_models(tiny_pack).clip
     pixels = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(clip_score.clip_scores(clip, "a blue square", pixels),
                                clip_score.clip_scores(clip, "a blue square", pixels.float() / 127.5 - 1))

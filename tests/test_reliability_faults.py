@@ -267,14 +267,6 @@ def _kill_when(process: subprocess.Popen, wanted: str, sig=signal.SIGKILL, delay
     return lines
 
 
-@pytest.fixture
-def tiny_pack_name(tiny_pack):
-    """The tiny pack registered in this test's cache: --pack brings its small discriminator."""
-    from tiny_models import register_tiny_pack
-
-    return register_tiny_pack(tiny_pack, "tiny")
-
-
 @pytest.mark.slow
 def test_training_killed_at_random_steps_and_during_a_save_resumes_to_the_same_mapper(tiny_pack_name, tmp_path):
     steps = 6
