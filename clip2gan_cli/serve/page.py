@@ -184,7 +184,7 @@ $("edit-upload").addEventListener("change", async () => {
 async function runEdit() {
   if (!sourceImage) { status("edit-status", "no image to edit: upload one, or send one from Generate"); return; }
   if (editBusy) { editAgain = true; return; }
-  editBusy = true;
+  editBusy = true; $("tab-edit").dataset.busy = "1";
   do {
     editAgain = false;
     const edits = [...document.querySelectorAll(".edit-row")].map((row) => ({
@@ -197,7 +197,7 @@ async function runEdit() {
     setCommand("edit-command", result.command);
     status("edit-status", null, result.warnings, result.neutrals);
   } while (editAgain);
-  editBusy = false;
+  editBusy = false; $("tab-edit").dataset.busy = "";
 }
 
 // --- Interpolate ---
