@@ -38,3 +38,14 @@ def test_save_mp4_pads_odd_sizes_for_yuv420(tmp_path):
     decoded = _decode(imageio.save_mp4(tmp_path / "odd.mp4", frames, fps=5))
     assert len(decoded) == 3 and decoded[0].shape == (18, 22, 3)
     assert [int(frame.mean()) for frame in decoded] == pytest.approx([0, 40, 80], abs=3)
+
+
+def test_the_serve_page_offers_the_same_mp4(tmp_path):
+    from clip2gan_cli.packs import load_pack
+    from clip2gan_cli.serve.app import ModelSpec, ServeApp
+
+    app = ServeApp(models=load_pack("shapes", device="cpu"), spec=ModelSpec(), workdir=tmp_path / "work")
+    answer = app.interpolate({"a": {"text": "a red circle"}, "b": {"text": "a blue square"}, "frames": 5, "mp4": True})
+    assert "--mp4" in answer["command"] and answer["mp4"].endswith(".mp4")
+    frames = _decode(app.file(answer["mp4"].split("/")[2]))
+    assert len(frames) == 5 and frames[0].shape == (32, 32, 3)

@@ -21,18 +21,17 @@ def serve_command(
 ) -> None:
     """Serve a local web page to generate, edit (live beta sliders) and interpolate; Ctrl-C stops it."""
     import shutil
-    import tempfile
 
     from ..device import resolve_device
     from ..errors import UserInputError
     from ..packs import select_models
-    from .app import ModelSpec, ServeApp
+    from .app import ModelSpec, ServeApp, make_workdir
     from .server import make_server
 
     if not 0 <= port <= 65535:
         raise UserInputError(f"--port must be between 0 and 65535, got {port}")
     server = make_server(None, host, port)  # a taken port fails before any model loads
-    workdir = Path(tempfile.mkdtemp(prefix="clip2gan-serve-"))
+    workdir = make_workdir()
     try:
         models = select_models(pack, mapper, generator, clip, resolve_device(device), backend)
         spec = ModelSpec(pack=pack, mapper=str(mapper) if mapper else None, generator=generator, clip=clip,

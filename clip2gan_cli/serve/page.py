@@ -68,7 +68,9 @@ PAGE = r"""<!doctype html>
  <div class="status" id="interp-status"></div>
  <div class="gallery" id="interp-frames-out"></div>
  <div class="pair"><figure><img id="interp-gif" alt=""><figcaption><a id="interp-gif-link" download>GIF</a>
-  <a id="interp-mp4-link" download></a></figcaption></figure></div>
+  <a id="interp-mp4-link" download></a></figcaption></figure>
+  <figure id="interp-video-box" style="display:none"><video id="interp-video" width="128" height="128" controls loop muted
+   autoplay></video><figcaption>MP4</figcaption></figure></div>
  <pre class="command" id="interp-command"></pre>
 </section>
 <section id="tab-model">
@@ -91,7 +93,8 @@ function status(id, error, warnings, extra) {
   const box = $(id); box.textContent = ""; box.className = "status";
   if (error) { box.textContent = "Error: " + error; box.classList.add("error"); return; }
   const lines = (warnings || []).map((w) => "Warning: " + w).concat(extra || []);
-  if (lines.length) { box.textContent = lines.join("\n"); box.classList.add("warning"); }
+  box.textContent = lines.join("\n");
+  if ((warnings || []).length) box.classList.add("warning");
   box.dataset.done = String(Number(box.dataset.done || 0) + 1);
 }
 function setCommand(id, command) { $(id).textContent = command; lastCommand = command; $("model-command").textContent = command; }
@@ -216,8 +219,9 @@ $("interp-run").addEventListener("click", async () => {
     const img = document.createElement("img"); img.src = url; figure.append(img); $("interp-frames-out").append(figure);
   }
   $("interp-gif").src = result.gif; $("interp-gif-link").href = result.gif;
-  if (result.mp4) { $("interp-mp4-link").href = result.mp4; $("interp-mp4-link").textContent = "MP4"; }
-  else { $("interp-mp4-link").removeAttribute("href"); $("interp-mp4-link").textContent = ""; }
+  if (result.mp4) { $("interp-mp4-link").href = result.mp4; $("interp-mp4-link").textContent = "MP4"; $("interp-video").src = result.mp4; }
+  else { $("interp-mp4-link").removeAttribute("href"); $("interp-mp4-link").textContent = ""; $("interp-video").removeAttribute("src"); }
+  $("interp-video-box").style.display = result.mp4 ? "" : "none";
   setCommand("interp-command", result.command);
   status("interp-status", null, result.warnings, [result.frames.length + " frame(s)"]);
 });
