@@ -28,11 +28,11 @@ MAX_EDITS = 8               # edit texts per edit request
 BETA_LIMIT = 10.0           # |beta| the page accepts (the slider spans it; the CLI accepts any finite beta)
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 KEEP_RESULTS = 256          # result folders kept in the temp folder (oldest removed first)
-KEEP_IMAGES = 64            # source images (uploads, "send to Edit") kept
+KEEP_IMAGES = 16            # source images kept (uploads, "send to Edit"): 12 MB each at 1024 px
 
 
 def make_workdir() -> Path:
-    """The server's temp folder: under $TMPDIR when set, else in memory (/dev/shm) where there is one.
+    """The server's temp folder: under $TMPDIR when set, else in memory (/dev/shm) where it has 1 GiB free.
 
     Results are throwaway (removed at exit), and the CLI writers fsync every file: on a disk that is
     ~12 ms per PNG (100 ms for generate's 8), in memory ~3 ms (bench/serve.py).
@@ -41,7 +41,8 @@ def make_workdir() -> Path:
     import tempfile
 
     shm = Path("/dev/shm")
-    memory = shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) and not os.environ.get("TMPDIR")
+    memory = (not os.environ.get("TMPDIR") and shm.is_dir() and os.access(shm, os.W_OK | os.X_OK)
+              and os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize >= 2**30)  # containers: often 64 MB
     return Path(tempfile.mkdtemp(prefix="clip2gan-serve-", dir=str(shm) if memory else None))
 
 
