@@ -55,16 +55,24 @@ def test_generate_downloads_are_the_cli_files_byte_for_byte(served, cli_runner, 
         assert _download(base, image["url"]) == by_name[image["name"]], image["name"]
 
 
-def test_edit_result_and_latent_are_the_cli_files_and_beta_round_trips(served, cli_runner, tmp_path, monkeypatch):
+@pytest.mark.parametrize("options, neutrals", [
+    ({"edits": [{"text": "blue", "beta": 1.25}], "neutral": "auto", "direction": "image", "layers": "4:"},
+     ["Neutral for 'blue': 'red' (inferred from the image)"]),
+    ({"edits": [{"text": "blue", "beta": 1.5}, {"text": "large", "beta": -0.5}], "neutral": "none",
+      "direction": "text", "layers": "all"}, []),
+    ({"edits": [{"text": "green", "beta": 2}], "neutral": "text", "neutral_text": "red", "direction": "text",
+      "layers": "2:6"}, []),
+])
+def test_edit_result_and_latent_are_the_cli_files_and_beta_round_trips(served, cli_runner, tmp_path, monkeypatch,
+                                                                        options, neutrals):
     base, _, _ = served
     _, generated = post(base, "/api/generate", {"prompts": "a red circle", "n": 1, "seed": 3})
     status, source = post(base, "/api/use", {"url": generated["images"][0]["url"]})
     assert status == 200, source
-    request = {"image": source["image"], "edits": [{"text": "blue", "beta": 1.25}], "neutral": "auto",
-               "direction": "image", "layers": "4:"}
+    request = {"image": source["image"], **options}
     status, first = post(base, "/api/edit", request)
     assert status == 200, first
-    assert first["neutrals"] == ["Neutral for 'blue': 'red' (inferred from the image)"]
+    assert first["neutrals"] == neutrals
     # the command shown reproduces the files: run it on the downloaded image
     monkeypatch.chdir(tmp_path)
     (tmp_path / source["name"]).write_bytes(_download(base, source["url"]))
@@ -72,7 +80,7 @@ def test_edit_result_and_latent_are_the_cli_files_and_beta_round_trips(served, c
     for role in ("edited", "reconstruction", "sheet", "latent"):
         assert _download(base, first[role]) == records[role].read_bytes(), role
     # another beta changes the pixels; going back gives the same bytes again
-    moved = post(base, "/api/edit", {**request, "edits": [{"text": "blue", "beta": 4}]})[1]
+    moved = post(base, "/api/edit", {**request, "edits": [{**options["edits"][0], "beta": 4}, *options["edits"][1:]]})[1]
     back = post(base, "/api/edit", request)[1]
     pixels = lambda url: np.asarray(Image.open(io.BytesIO(_download(base, url))))  # noqa: E731
     assert not np.array_equal(pixels(moved["edited"]), pixels(first["edited"]))
@@ -208,8 +216,8 @@ def test_no_typed_path_reaches_the_file_system(served, tmp_path):
     status, answer = post(base, "/api/interpolate", {"a": {"text": str(outside)}, "b": {"text": "a blue square"},
                                                      "frames": 2})
     assert status == 200, answer
-    status, source = post(base, f"/api/upload?name={tmp_path}/../../x.png", raw=outside.read_bytes())
-    assert status == 200 and source["name"] == "x.png"
+    status, source = post(base, f"/api/upload?name={tmp_path}/../../my%20x.png", raw=outside.read_bytes())
+    assert status == 200 and source["name"] == "my x.png"
     for url in ("/files/..%2F..%2Fetc%2Fpasswd/passwd", f"/files/{outside}", "/files/x/../../secret.png"):
         assert get(base, url)[0] == 404
     assert sorted(p for p in tmp_path.rglob("*")) == before

@@ -198,13 +198,15 @@ class ServeApp:
         """Take an uploaded image (bytes): checked by the CLI's reader, kept under a random id."""
         import re
 
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(name or "upload")).name)[:64] or "upload"
+        # a label only (metadata, the command shown): never part of a path
+        name = re.sub(r"[\x00-\x1f\x7f]", "", Path(str(name or "")).name)[:128]
+        name = name if name not in ("", ".", "..") else "upload"
         if len(data) > MAX_UPLOAD_BYTES:
             raise UserInputError(f"{name} is {len(data) / 2**20:.0f} MiB; uploads are limited to "
                                  f"{MAX_UPLOAD_BYTES // 2**20} MiB")
         with self._lock:
             folder = self._new_folder()
-        path = folder / f"upload{Path(name).suffix.lower()[:8] if Path(name).suffix else ''}"
+        path = folder / "upload"  # the reader goes by content, not by name
         path.write_bytes(data)
         return self._add_source(path, name)
 
@@ -269,7 +271,8 @@ class ServeApp:
         else:
             raise UserInputError(f"unknown neutral '{neutral_mode}'", hint="expected auto, none or text")
         layers_text = str(request.get("layers") or "").strip()
-        layers = pipeline.parse_layers(layers_text) if layers_text and layers_text != "all" else None
+        # "all" is `--layers :` (every row), so the file metadata matches the command shown
+        layers = pipeline.parse_layers(":" if layers_text in ("", "all") else layers_text)
         pipeline.layer_mask(self.models.generator.num_ws, layers)
         models = self.models
         with self._lock, warnings.catch_warnings(record=True) as caught:
