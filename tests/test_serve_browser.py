@@ -135,16 +135,27 @@ def test_beta_slider_changes_the_edit_and_moving_back_restores_it(browser, serve
     assert fetch(edited()) == fetch(start_url)
 
 
-def test_interpolate_produces_frames_and_a_gif(browser, served):
+def test_interpolate_produces_frames_and_a_gif_from_a_prompt_to_an_image_file(browser, served, tmp_path):
+    from selenium.webdriver.support.ui import Select
+
     base, _, _ = served
+    end_image = tmp_path / "end.png"
+    end_image.write_bytes(fetch(base + post(base, "/api/generate", {"prompts": "a blue square", "n": 1})[1]
+                                ["images"][0]["url"]))
     open_page(browser, base)
     all_css(browser, 'nav button[data-tab="interpolate"]')[0].click()
+    Select(by_id(browser, "interp-b-kind")).select_by_value("upload")
+    by_id(browser, "interp-b-file").send_keys(str(end_image))
+    wait_for(lambda: "B: end.png" in by_id(browser, "interp-status").text, what="the B upload")
     set_value(by_id(browser, "interp-frames"), 6)
     by_id(browser, "interp-run").click()
     wait_for(lambda: len(all_css(browser, "figure.frame img")) == 6, what="6 frames")
+    assert "clip2gan interpolate 'a red circle' end.png --frames 6" in by_id(browser, "interp-command").text
     gif = by_id(browser, "interp-gif").get_attribute("src")
     with Image.open(io.BytesIO(fetch(gif))) as animation:
         assert animation.n_frames == 6
+    last = np.asarray(Image.open(io.BytesIO(fetch(all_css(browser, "figure.frame img")[-1].get_attribute("src")))))
+    assert np.abs(last.astype(int) - np.asarray(Image.open(end_image)).astype(int)).mean() < 40  # ends near B
 
 
 def test_a_bad_upload_shows_its_message_and_the_page_keeps_working(browser, served, tmp_path):

@@ -56,9 +56,12 @@ PAGE = r"""<!doctype html>
  <pre class="command" id="edit-command"></pre>
 </section>
 <section id="tab-interpolate">
- <div class="row"><label>A <input id="interp-a" value="a red circle"></label>
-  <label><input type="checkbox" id="interp-a-image"> A = the image in Edit</label></div>
- <div class="row"><label>B <input id="interp-b" value="a blue square"></label></div>
+ <div class="row"><label>A <select id="interp-a-kind"><option value="text">prompt</option><option value="edit">the image in Edit</option>
+  <option value="upload">an image file</option></select></label> <input id="interp-a" value="a red circle">
+  <input id="interp-a-file" type="file" accept="image/*" style="display:none"></div>
+ <div class="row"><label>B <select id="interp-b-kind"><option value="text">prompt</option><option value="edit">the image in Edit</option>
+  <option value="upload">an image file</option></select></label> <input id="interp-b" value="a blue square">
+  <input id="interp-b-file" type="file" accept="image/*" style="display:none"></div>
  <div class="row"><label>frames <input id="interp-frames" type="number" min="2" max="120" value="12"></label>
   <label>fps <input id="interp-fps" type="number" min="1" max="60" value="12"></label>
   <label>seed <input id="interp-seed" type="number" min="0" value="0"></label>
@@ -204,12 +207,33 @@ async function runEdit() {
 }
 
 // --- Interpolate ---
+const interpImages = {a: null, b: null};
+for (const end of ["a", "b"]) {
+  $("interp-" + end + "-kind").addEventListener("change", () => {
+    const kind = $("interp-" + end + "-kind").value;
+    $("interp-" + end).style.display = kind === "text" ? "" : "none";
+    $("interp-" + end + "-file").style.display = kind === "upload" ? "" : "none";
+  });
+  $("interp-" + end + "-file").addEventListener("change", async () => {
+    const file = $("interp-" + end + "-file").files[0]; if (!file) return;
+    interpImages[end] = null;
+    const result = await call("/api/upload?name=" + encodeURIComponent(file.name), await file.arrayBuffer(), true);
+    if (result.error) { status("interp-status", result.error); return; }
+    interpImages[end] = result.image;
+    status("interp-status", null, [], [end.toUpperCase() + ": " + result.name]);
+  });
+}
+function interpEnd(end) {
+  const kind = $("interp-" + end + "-kind").value;
+  if (kind === "edit") return sourceImage ? {image: sourceImage.image} : "no image in Edit: upload one there first";
+  if (kind === "upload") return interpImages[end] ? {image: interpImages[end]} : "choose an image file for " + end.toUpperCase();
+  return {text: $("interp-" + end).value};
+}
 $("interp-run").addEventListener("click", async () => {
-  const useImage = $("interp-a-image").checked;
-  if (useImage && !sourceImage) { status("interp-status", "no image in Edit: upload one there first"); return; }
+  const a = interpEnd("a"), b = interpEnd("b");
+  for (const end of [a, b]) if (typeof end === "string") { status("interp-status", end); return; }
   $("interp-run").disabled = true;
-  const result = await call("/api/interpolate", {a: useImage ? {image: sourceImage.image} : {text: $("interp-a").value},
-    b: {text: $("interp-b").value}, frames: $("interp-frames").value, fps: $("interp-fps").value,
+  const result = await call("/api/interpolate", {a, b, frames: $("interp-frames").value, fps: $("interp-fps").value,
     seed: $("interp-seed").value, spherical: $("interp-spherical").checked, mp4: $("interp-mp4").checked});
   $("interp-run").disabled = false;
   if (result.error) { status("interp-status", result.error); return; }
