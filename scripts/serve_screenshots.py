@@ -7,6 +7,7 @@ Needs selenium (`.[browser]`) and Debian's chromium + chromium-driver.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import threading
 import time
@@ -61,6 +62,7 @@ def main() -> int:
     finally:
         driver.quit()
         server.shutdown()
+        shutil.rmtree(app.workdir, ignore_errors=True)
     print("\n".join(str(args.out / f"serve_{name}.png") for name in ("generate", "edit", "interpolate", "model")))
     return 0
 
