@@ -526,6 +526,12 @@ def eval_fid_command(
         typer.echo(json.dumps(result, sort_keys=True))
 
 
+# --- serve (issue 18): the command lives in serve/command.py (typer only at import; the server loads when run) ---
+from .serve.command import serve_command  # noqa: E402
+
+app.command("serve")(handle_errors(serve_command))
+
+
 def main() -> None:
     """Console-script entry point."""
     if not debug_enabled():
