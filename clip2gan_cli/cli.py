@@ -526,7 +526,7 @@ def eval_fid_command(
         typer.echo(json.dumps(result, sort_keys=True))
 
 
-# --- serve (issue 18): the command lives in serve/command.py (typer only at import; the server loads when run) ---
+# The serve command lives in serve/command.py (typer only at import; the server loads when it runs).
 from .serve.command import serve_command  # noqa: E402
 
 app.command("serve")(handle_errors(serve_command))

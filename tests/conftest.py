@@ -143,3 +143,16 @@ def random_inception_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(extractor.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(base URL, ServeApp, its temp folder) for the builtin shapes pack, one per test module."""
+    from clip2gan_cli.packs import load_pack
+    from clip2gan_cli.serve.app import ModelSpec, ServeApp
+    from serve_fixtures import running_server
+
+    workdir = tmp_path_factory.mktemp("serve_work")
+    app = ServeApp(models=load_pack("shapes", device="cpu"), spec=ModelSpec(), workdir=workdir)
+    with running_server(app) as url:
+        yield url, app, workdir

@@ -1,4 +1,4 @@
-"""Shared by tests/test_serve*.py: the shapes pack's ServeApp on a real local HTTP server, and JSON calls."""
+"""Shared by tests/test_serve*.py: a ServeApp on a real local HTTP server, and JSON calls (the `served` fixture is in conftest.py)."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,6 @@ import threading
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-
-import pytest
 
 
 @contextmanager
@@ -24,18 +22,6 @@ def running_server(app):
         server.shutdown()
         server.server_close()
         thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(base URL, ServeApp, its temp folder) for the builtin shapes pack, one per test module."""
-    from clip2gan_cli.packs import load_pack
-    from clip2gan_cli.serve.app import ModelSpec, ServeApp
-
-    workdir = tmp_path_factory.mktemp("serve_work")
-    app = ServeApp(models=load_pack("shapes", device="cpu"), spec=ModelSpec(), workdir=workdir)
-    with running_server(app) as url:
-        yield url, app, workdir
 
 
 def post(base: str, path: str, payload=None, raw: bytes | None = None) -> tuple[int, dict]:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tiny_models import TINY_RESOLUTION, tiny_pack  # noqa: F401
+from tiny_models import TINY_RESOLUTION
 
 av = pytest.importorskip("av", reason="MP4 needs PyAV: pip install -e '.[video]'")
 

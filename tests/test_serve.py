@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from cli_helpers import assert_one_line_error
-from serve_fixtures import get, post, served  # noqa: F401
+from serve_fixtures import get, post
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

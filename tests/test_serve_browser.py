@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_fixtures import post, served  # noqa: F401
+from serve_fixtures import post
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="browser tests need selenium: pip install -e '.[browser]'")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

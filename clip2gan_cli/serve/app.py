@@ -147,11 +147,12 @@ class ServeApp:
         }
 
     def edit_defaults(self) -> dict[str, Any]:
-        """The mapper's edit defaults as `clip2gan edit` fills them (AT MERGE: call the library's resolver)."""
-        config = self.models.mapper.config
-        return {"beta": config.edit_beta if config.edit_beta is not None else 2.0,
-                "direction": config.edit_direction, "layers": config.edit_layers,
-                "neutral": config.edit_neutral or "none"}
+        """The mapper's edit defaults, decided where `clip2gan edit` gets them (pipeline.edit_settings)."""
+        from .. import pipeline
+
+        settings = pipeline.edit_settings(self.models.mapper, [("edit", None)])
+        return {"beta": settings.edits[0][1], "direction": settings.direction, "layers": settings.layers,
+                "neutral": settings.neutral or pipeline.NEUTRAL_NONE}
 
     # --- generate ---
     def generate(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -267,7 +268,7 @@ class ServeApp:
             if not neutral:
                 raise UserInputError("empty neutral text", hint="write one, or choose auto or none")
         elif neutral_mode in (NEUTRAL_AUTO, "none"):
-            neutral = None if neutral_mode == "none" else NEUTRAL_AUTO
+            neutral = pipeline.NEUTRAL_NONE if neutral_mode == "none" else NEUTRAL_AUTO
         else:
             raise UserInputError(f"unknown neutral '{neutral_mode}'", hint="expected auto, none or text")
         layers_text = str(request.get("layers") or "").strip()
