@@ -13,7 +13,7 @@
 The convolutions themselves are torch's (cuDNN beats a hand-written kernel for these shapes), so
 `conv2d_resample` is the reference's composite with this backend's `upfirdn2d`.
 
-Kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton was
+Kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton was first
 imported (exact and slow: how the tests run them). Triton compiles each specialisation on first use
 and caches it by source hash. A kernel that fails to compile or launch is replaced, from then on, by
 the reference computation, with one warning naming the kernel and the error.
@@ -21,7 +21,6 @@ the reference computation, with one warning naming the kernel and the error.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import torch
@@ -42,8 +41,9 @@ _broken: dict[str, str] = {}  # kernel name -> why it failed (then never launche
 
 
 def interpreting() -> bool:
-    """True when triton runs kernels on the CPU (TRITON_INTERPRET=1, read when triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+    """True when the kernels run in triton's interpreter, on CPU tensors: TRITON_INTERPRET=1 was set
+    before triton was first imported (triton decides it when a kernel is defined)."""
+    return _INTERPRETED
 
 
 def is_available() -> bool:
@@ -93,14 +93,16 @@ def _act_gain(v, alpha, gain, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_gain_clamp_grad(v, gy, alpha, gain, clamp, ACT: tl.constexpr, CLAMP: tl.constexpr):
-    """d/dv of clamp(act(v) * gain) times gy; clamp passes the gradient where -c <= y <= c (as torch)."""
+def _act_gain_clamp_grad(v, gy, alpha, gain, clamp, ACT: tl.constexpr, CLAMP: tl.constexpr, DTYPE: tl.constexpr):
+    """d/dv of clamp(act(v) * gain) times gy. Clamp passes the gradient strictly inside (-c, c), with y
+    and c (by the caller, `_clamp_arg`) rounded to the tensors' dtype: what torch's clamp (the reference)
+    does, also in float16."""
     g = gy * gain
     if ACT == 1:
         g = tl.where(v > 0, g, g * alpha)
     if CLAMP:
-        y = _act_gain(v, alpha, gain, ACT)
-        g = tl.where((y >= -clamp) & (y <= clamp), g, 0.0)
+        y = _act_gain(v, alpha, gain, ACT).to(DTYPE).to(tl.float32)
+        g = tl.where((y > -clamp) & (y < clamp), g, 0.0)
     return g
 
 
@@ -117,7 +119,7 @@ def _bias_act_kernel(x_ptr, b_ptr, gy_ptr, out_ptr, n, channels, inner, alpha, g
         v += tl.load(b_ptr + (offs // inner) % channels, mask=mask, other=0.0).to(tl.float32)
     if GRAD:
         gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = _act_gain_clamp_grad(v, gy, alpha, gain, clamp, ACT, CLAMP)
+        y = _act_gain_clamp_grad(v, gy, alpha, gain, clamp, ACT, CLAMP, out_ptr.dtype.element_ty)
     else:
         y = _act_gain(v, alpha, gain, ACT)
         if CLAMP:
@@ -183,7 +185,7 @@ def _epilogue_kernel(c_ptr, d_ptr, noise_ptr, b_ptr, gy_ptr, out_ptr, out2_ptr, 
         v += tl.load(b_ptr + o, mask=mask, other=0.0).to(tl.float32)
     if GRAD:
         gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = _act_gain_clamp_grad(v, gy, alpha, gain, clamp, ACT, CLAMP)
+        g = _act_gain_clamp_grad(v, gy, alpha, gain, clamp, ACT, CLAMP, out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
         if HAS_D:
             tl.store(out2_ptr + offs, (g * d).to(out2_ptr.dtype.element_ty), mask=mask)
@@ -194,8 +196,18 @@ def _epilogue_kernel(c_ptr, d_ptr, noise_ptr, b_ptr, gy_ptr, out_ptr, out2_ptr, 
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Interpreted only if triton itself was imported under TRITON_INTERPRET=1 (its own library functions,
+# e.g. tl.cdiv, are then interpreted too; set later, the kernels would fail to run).
+_INTERPRETED = all(type(fn).__name__ == "InterpretedFunction" for fn in (_bias_act_kernel, tl.standard.cdiv))
+
+
 # ----------------------------------------------------------------------------------------------
 # bias_act
+
+
+def _clamp_arg(clamp, dtype) -> float:
+    """The clamp bound as the kernels take it: rounded to the tensors' dtype, as torch's clamp uses it."""
+    return 0.0 if clamp is None else torch.tensor(float(clamp), dtype=dtype).item()
 
 
 def _act_params(act, alpha, gain):
@@ -221,7 +233,7 @@ def _bias_act_launch(x, b, gy, dim, act, alpha, gain, clamp):
     if n:
         _bias_act_kernel[(triton.cdiv(n, _BLOCK),)](
             x, b if b is not None else x, gy if gy is not None else x, out, n, channels, inner, alpha, gain,
-            0.0 if clamp is None else float(clamp), HAS_BIAS=b is not None, ACT=_ACT_CODES[act],
+            _clamp_arg(clamp, x.dtype), HAS_BIAS=b is not None, ACT=_ACT_CODES[act],
             CLAMP=clamp is not None, GRAD=gy is not None, BLOCK=_BLOCK)
     return out
 
@@ -375,7 +387,7 @@ def _epilogue_launch(c, dcoefs, noise, bias, gy, act, alpha, gain, clamp):
         _epilogue_kernel[(triton.cdiv(n, _BLOCK),)](
             c, dcoefs if dcoefs is not None else c, noise4 if noise4 is not None else c,
             bias if bias is not None else c, gy if gy is not None else c, out, out2 if out2 is not None else out,
-            n, c.shape[1], c.shape[2], c.shape[3], *strides, alpha, gain, 0.0 if clamp is None else float(clamp),
+            n, c.shape[1], c.shape[2], c.shape[3], *strides, alpha, gain, _clamp_arg(clamp, c.dtype),
             HAS_D=dcoefs is not None, HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, ACT=_ACT_CODES[act],
             CLAMP=clamp is not None, GRAD=gy is not None, CHANNELS_LAST=channels_last, BLOCK=_BLOCK)
     return out if gy is None else (out, out2 if out2 is not None else out)
