@@ -28,6 +28,7 @@ if importlib.util.find_spec("triton") is None:
 if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import: its kernels then run on CPU tensors
 
+from clip2gan_cli.errors import DeviceError  # noqa: E402
 from clip2gan_cli.stylegan2 import build_discriminator, build_generator, get_ops  # noqa: E402
 from clip2gan_cli.stylegan2 import ops as ops_pkg  # noqa: E402
 from clip2gan_cli.stylegan2.ops import autotune, reference  # noqa: E402
@@ -94,6 +95,15 @@ def test_triton_backend_has_the_reference_functions_and_signatures():
         assert inspect.signature(getattr(autotune, name)) == inspect.signature(getattr(reference, name)), name
 
 
+def test_triton_where_it_cannot_run_is_a_clear_error(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the kernels run on this CUDA device")
+    monkeypatch.setattr(tk, "_INTERPRETED", False)  # as without TRITON_INTERPRET=1
+    monkeypatch.setattr(ops_pkg, "_loaded", {})
+    with pytest.raises(DeviceError, match="--backend triton cannot run here: Triton kernels need a CUDA device"):
+        get_ops("triton")
+
+
 def test_importing_the_ops_and_the_cli_imports_no_triton():
     code = ("import sys, clip2gan_cli.cli, clip2gan_cli.stylegan2.ops; "
             "print(','.join(m for m in ('torch', 'triton') if m in sys.modules))")
@@ -120,6 +130,8 @@ def test_bias_act_matches_reference(act, clamp, dtype):
 def test_bias_act_other_dims_no_bias_negative_gain_and_channels_last():
     assert_matches_reference("bias_act", {"x": _randn(3, 4, 6).requires_grad_(), "b": _randn(6).requires_grad_()},
                              dim=2, act="lrelu", alpha=0.1, clamp=0.5)
+    assert_matches_reference("bias_act", {"x": _randn(2, 3, 4, 5).requires_grad_(), "b": _randn(5).requires_grad_()},
+                             dim=3, act="lrelu", clamp=0.5)
     assert_matches_reference("bias_act", {"x": _randn(4, 9).requires_grad_()}, act="lrelu", gain=-1.5)
     x = _randn(2, 6, 5, 3).contiguous(memory_format=torch.channels_last)
     assert_matches_reference("bias_act", {"x": x.requires_grad_(), "b": _randn(6).requires_grad_()},

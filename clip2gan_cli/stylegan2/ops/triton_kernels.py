@@ -216,18 +216,18 @@ def _act_params(act, alpha, gain):
 
 
 def _channel_layout(x, dim):
-    """(x in a layout the kernel indexes, channels, inner): channels_last maps keep their layout."""
+    """(x in a layout the kernel indexes, channels, inner, memory format): channels_last maps keep it."""
     if x.ndim == 4 and dim == 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x, x.shape[1], 1
+        return x, x.shape[1], 1, torch.channels_last
     x = x.contiguous()
-    return x, x.shape[dim], math.prod(x.shape[dim + 1:])
+    return x, x.shape[dim], math.prod(x.shape[dim + 1:]), torch.contiguous_format
 
 
 def _bias_act_launch(x, b, gy, dim, act, alpha, gain, clamp):
     """One kernel pass: the forward (gy None) or the gradient w.r.t. x (gy given); keeps x's layout."""
-    x, channels, inner = _channel_layout(x, dim)
+    x, channels, inner, memory_format = _channel_layout(x, dim)
     if gy is not None:
-        gy = gy.contiguous(memory_format=torch.channels_last) if inner == 1 and x.ndim == 4 else gy.contiguous()
+        gy = gy.contiguous(memory_format=memory_format)
     out = torch.empty_like(x)
     n = x.numel()
     if n:
