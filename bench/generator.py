@@ -8,9 +8,10 @@ Config-f generators with random weights (256: channel_base 16384, 1024: channel_
 `noise_mode='const'`, no autograd. Speed: all backends run in ONE process on one generator and
 take turns every repetition, so machine load hits them alike (the ratio is the number to trust on
 a shared machine). On the CPU: reference and eager; with CUDA also triton (the kernels) and auto
-(per-op choice by measurement; its first call, which measures, is the untimed warm-up). Memory: each (case, backend) also runs once in a fresh subprocess; on CPU it
-reports the peak RSS during one synthesis (the kernel's peak mark, reset just before the call) and
-its growth over the RSS before the call; on CUDA torch.cuda.max_memory_allocated and its growth.
+(per-op choice by measurement; its first call, which measures, is the untimed warm-up).
+Memory: each (case, backend) also runs once in a fresh subprocess; on CPU it reports the peak RSS
+during one synthesis (the kernel's peak mark, reset just before the call) and its growth over the
+RSS before the call; on CUDA torch.cuda.max_memory_allocated and its growth.
 """
 from __future__ import annotations
 

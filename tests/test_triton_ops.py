@@ -25,7 +25,7 @@ import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (it ships with the CUDA build of torch)", allow_module_level=True)
-if "triton" not in sys.modules:
+if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import: its kernels then run on CPU tensors
 
 from clip2gan_cli.errors import DeviceError  # noqa: E402
@@ -39,14 +39,18 @@ if not (tk.interpreting() or torch.cuda.is_available()):
                 allow_module_level=True)
 
 DEVICE = "cpu" if tk.interpreting() else "cuda"
-FIR = reference.setup_filter([1, 3, 3, 1])
+FIR = reference.setup_filter([1, 3, 3, 1], device=DEVICE)
 F16_RTOL = 2e-3  # see the module docstring
 
 
 @pytest.fixture(autouse=True)
 def kernels_really_ran():
-    """A kernel that failed would be replaced by the reference silently after its one warning: fail instead."""
+    """A kernel that failed would be replaced by the reference silently after its one warning: fail instead.
+    On CUDA, full float32 (TF32 convolutions would blur the comparison far beyond the parity rule)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     assert not tk._broken, f"kernels fell back to the reference: {tk._broken}"
 
 
@@ -176,7 +180,7 @@ def test_upfirdn2d_matches_reference(up, down, padding, flip_filter):
 @pytest.mark.parametrize("f", [reference.setup_filter([1, 3, 3, 1], separable=True), reference.setup_filter([1, 2, 1]),
                                torch.tensor([[1.0, 2.0], [0.5, 3.0]])], ids=["separable", "3tap", "asymmetric"])
 def test_upfirdn2d_other_filters(f):
-    assert_matches_reference("upfirdn2d", {"x": _randn(1, 2, 6, 5, seed=4).requires_grad_()}, f=f, up=2,
+    assert_matches_reference("upfirdn2d", {"x": _randn(1, 2, 6, 5, seed=4).requires_grad_()}, f=f.to(DEVICE), up=2,
                              padding=[2, 1, 1, 2], gain=4)
 
 
