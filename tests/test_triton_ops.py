@@ -408,3 +408,26 @@ def test_auto_on_this_cpu_machine_resolves_as_before(monkeypatch):
         pytest.skip("on CUDA, auto measures")
     monkeypatch.setattr(ops_pkg, "_auto_choice", None)
     assert ops_pkg.resolve_backend("auto") == "eager"
+
+
+def test_auto_on_a_cuda_machine_resolves_to_the_measuring_backend(monkeypatch):
+    monkeypatch.setattr(ops_pkg, "_cuda_available", lambda: True)
+    monkeypatch.setattr(ops_pkg, "_auto_choice", None)
+    monkeypatch.setattr(ops_pkg, "_loaded", {})
+    assert ops_pkg.resolve_backend("auto") == "autotune"
+    assert get_ops("auto") is autotune
+    x, b = _randn(1, 3, 4, 4), _randn(3)  # CPU tensors on a CUDA machine: eager, nothing measured
+    assert torch.equal(autotune.bias_act(x, b, act="lrelu"), get_ops("eager").bias_act(x, b, act="lrelu"))
+
+
+def test_auto_on_a_cuda_machine_without_triton_uses_eager_with_one_warning(monkeypatch):
+    monkeypatch.setattr(ops_pkg, "_cuda_available", lambda: True)
+    monkeypatch.setattr(ops_pkg, "_import_triton", lambda: (None, "triton cannot be imported: No module named 'triton'"))
+    monkeypatch.setattr(ops_pkg, "_auto_choice", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ops_pkg.resolve_backend("auto") == "eager"
+        assert ops_pkg.resolve_backend("auto") == "eager"
+    assert [str(w.message) for w in caught] == [
+        "StyleGAN2 backend 'auto' uses the eager ops (no Triton kernels): triton cannot be imported: "
+        "No module named 'triton'"]
