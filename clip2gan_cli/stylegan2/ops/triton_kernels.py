@@ -54,7 +54,8 @@ def unavailable_reason() -> str:
     """Why the kernels cannot run here ('' when they can)."""
     if torch.cuda.is_available() or interpreting():
         return ""
-    return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run them on the CPU, slowly)"
+    return ("Triton kernels need a CUDA device (or TRITON_INTERPRET=1, set before triton is first imported, "
+            "to run them on CPU tensors, slowly)")
 
 
 def _runs_here(*tensors) -> bool:
@@ -74,6 +75,8 @@ def _launch(name: str, run, fallback):
     if name not in _broken:
         try:
             return run()
+        except torch.cuda.OutOfMemoryError:  # not the kernel's fault: the caller must see it
+            raise
         except Exception as error:  # a compile or launch failure: fall back, announced once
             _broken[name] = f"{type(error).__name__}: {error}".splitlines()[0]
             warnings.warn(f"Triton kernel '{name}' failed ({_broken[name]}); using the reference computation "
