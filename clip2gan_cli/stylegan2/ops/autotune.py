@@ -5,8 +5,8 @@ which also compiles, then a few timed calls: a few milliseconds), and the choice
 `$CLIP2GAN_HOME/autotune/stylegan2_ops.json`, keyed by op, shapes, dtypes, arguments, device name
 and torch/triton versions, so later processes skip the measurement. A candidate is chosen only when
 it measured faster than `eager`, so `auto` is never slower than the eager path. A candidate that
-raises (a kernel that does not compile here) is left out with one warning that says why. CPU
-tensors go straight to `eager`: on the CPU nothing is measured.
+raises (a kernel that does not compile here) or whose output disagrees with eager's is left out
+with one warning that says why. CPU tensors go straight to `eager`: on the CPU nothing is measured.
 
 Only forward passes are timed (under no_grad); the backward of each candidate has the same layout.
 """
@@ -59,6 +59,21 @@ def _describe(value):
     return repr(value)
 
 
+AGREEMENT_RTOL = 1e-2  # catches a wrong tap, layout or gain; TF32 and float16 rounding stay far below
+
+
+def _check_agreement(got, expected) -> None:
+    """ValueError unless a candidate's output matches eager's: a miscompiled kernel is never chosen."""
+    if not isinstance(expected, torch.Tensor):
+        return
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        raise ValueError(f"its output has shape {tuple(getattr(got, 'shape', ()))}, eager's {tuple(expected.shape)}")
+    error = (got.float() - expected.float()).abs().max().item() if got.numel() else 0.0
+    bound = AGREEMENT_RTOL * max(1.0, expected.float().abs().max().item() if expected.numel() else 0.0)
+    if not error <= bound:  # also catches NaN
+        raise ValueError(f"its output differs from eager's by {error:.3g} (allowed {bound:.3g})")
+
+
 class OpChooser:
     """Measures candidate backends per op and shape signature, caches the choice in memory and on disk."""
 
@@ -103,8 +118,11 @@ class OpChooser:
     def _measure(self, op, key, args, kwargs) -> str:
         seconds = {}
         with torch.no_grad():
+            expected = getattr(self.candidates[BASELINE], op)(*args, **kwargs)
             for name, module in self.candidates.items():
                 try:
+                    if name != BASELINE:
+                        _check_agreement(getattr(module, op)(*args, **kwargs), expected)
                     seconds[name] = self.timer(lambda module=module: getattr(module, op)(*args, **kwargs))
                 except Exception as error:
                     if name == BASELINE:
