@@ -356,7 +356,7 @@ class SynthesisLayer(_OpsUser):
             elif noise_mode == "const":
                 scaled_noise = self.noise_const * self.noise_strength
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        # conv, then one epilogue (demodulation, noise, bias, lrelu, gain, clamp): one kernel where fused
+        # conv, then the epilogue (demodulation, noise, bias, lrelu, gain, clamp): one kernel on triton
         return self.ops.modulated_conv2d_bias_act(x, self.weight, styles, bias=self.bias.to(x.dtype),
                                                   noise=scaled_noise, up=self.up, padding=self.padding,
                                                   resample_filter=self.resample_filter,
