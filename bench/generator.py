@@ -1,15 +1,17 @@
-"""Benchmark StyleGAN2 synthesis: reference vs fused ops backend, side by side.
+"""Benchmark StyleGAN2 synthesis: the ops backends side by side (reference, eager; on CUDA also triton and auto).
 
     .venv/bin/python bench/generator.py            # 256 and 1024, batch 1 and 8
     .venv/bin/python bench/generator.py --quick    # batch 1 only, fewer repetitions
     .venv/bin/python bench/generator.py --resolutions 256 --batches 1 --reps 5 --dtype float16 --device cuda
 
 Config-f generators with random weights (256: channel_base 16384, 1024: channel_base 32768),
-`noise_mode='const'`, no autograd. Speed: both backends run in ONE process on one generator and
-alternate every repetition, so machine load hits both alike (the ratio is the number to trust on
-a shared machine). Memory: each (case, backend) also runs once in a fresh subprocess; on CPU it
-reports the peak RSS during one synthesis (the kernel's peak mark, reset just before the call) and
-its growth over the RSS before the call; on CUDA torch.cuda.max_memory_allocated and its growth.
+`noise_mode='const'`, no autograd. Speed: all backends run in ONE process on one generator and
+take turns every repetition, so machine load hits them alike (the ratio is the number to trust on
+a shared machine). On the CPU: reference and eager; with CUDA also triton (the kernels) and auto
+(per-op choice by measurement; its first call, which measures, is the untimed warm-up).
+Memory: each (case, backend) also runs once in a fresh subprocess; on CPU it reports the peak RSS
+during one synthesis (the kernel's peak mark, reset just before the call) and its growth over the
+RSS before the call; on CUDA torch.cuda.max_memory_allocated and its growth.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import sys
 import time
 
 CHANNEL_BASE = {256: 16384, 1024: 32768}  # config-f: paper256 for 256 px, channel_base 32768 at 1024
-BACKENDS = ("reference", "fused")
+CPU_BACKENDS = ("reference", "eager")
+CUDA_BACKENDS = ("reference", "eager", "triton", "auto")
 
 
 def _channel_base(resolution: int) -> int:
@@ -113,23 +116,22 @@ def measure_memory(resolution: int, batch: int, backend: str, device: str, dtype
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def measure_speed(resolution: int, batch: int, reps: int, device: str, dtype_name: str) -> dict:
-    """Seconds per synthesis for each backend, alternating backends every repetition (one process)."""
+def measure_speed(resolution: int, batch: int, reps: int, device: str, dtype_name: str, backends) -> dict:
+    """Seconds per synthesis for each backend, taking turns every repetition (one process)."""
     import torch
 
     G, ws = _build(resolution, batch, device, dtype_name)
-    times = {backend: [] for backend in BACKENDS}
-    max_diff = 0.0
+    times = {backend: [] for backend in backends}
     with torch.no_grad():
         outputs = {}
-        for backend in BACKENDS:  # warm-up (first-call allocations, fused self-check) and agreement
+        for backend in backends:  # warm-up (first-call allocations, self-checks, compiles, auto's measuring)
             G.set_backend(backend)
             outputs[backend] = G.synthesis(ws, noise_mode="const").float()
-        max_diff = (outputs["fused"] - outputs["reference"]).abs().max().item()
+        max_diff = {b: (outputs[b] - outputs["reference"]).abs().max().item() for b in backends}
         ref_max = outputs["reference"].abs().max().item()
         del outputs
         for rep in range(reps):
-            order = BACKENDS if rep % 2 == 0 else BACKENDS[::-1]  # neither backend always runs first
+            order = backends[rep % len(backends):] + backends[:rep % len(backends)]  # rotate who runs first
             for backend in order:
                 G.set_backend(backend)
                 _sync(device)
@@ -140,19 +142,20 @@ def measure_speed(resolution: int, batch: int, reps: int, device: str, dtype_nam
     return {"times": times, "max_diff": max_diff, "ref_max": ref_max}
 
 
-def _format_row(resolution, batch, speed, memory) -> str:
+def _format_row(resolution, batch, speed, memory, backends) -> str:
     cells = [f"{resolution:>5d} {batch:>5d}"]
     medians = {}
-    for backend in BACKENDS:
+    for backend in backends:
         median = statistics.median(speed["times"][backend])
         medians[backend] = median
         mem = memory.get(backend, {})
         mem_text = (f"{mem['peak_mb']:7.0f} {mem['growth_mb']:7.0f}" if "peak_mb" in mem
                     else f"{'n/a':>7s} {'n/a':>7s}")
         cells.append(f"{median / batch * 1e3:9.1f} {batch / median:7.2f} {mem_text}")
-    ratio = medians["reference"] / medians["fused"]
-    mins = {b: min(speed["times"][b]) for b in BACKENDS}
-    cells.append(f"{ratio:6.2f}x {mins['reference'] / mins['fused']:6.2f}x  {speed['max_diff']:.1e}")
+    mins = {b: min(speed["times"][b]) for b in backends}
+    for backend in backends[1:]:
+        cells.append(f"{medians['reference'] / medians[backend]:6.2f}x {mins['reference'] / mins[backend]:6.2f}x "
+                     f"{speed['max_diff'][backend]:.1e}")
     return " | ".join(cells)
 
 
@@ -192,19 +195,21 @@ def main(argv=None) -> int:
     print(f"StyleGAN2 synthesis, config-f, random weights, noise_mode=const, {args.dtype}, device={args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else f" ({threads} threads)")
           + f", torch {torch.__version__}, {reps} alternating reps, median")
-    print("  res batch |  reference: ms/img   img/s  peakMB   +MB |      fused: ms/img   img/s  peakMB   +MB "
-          "|  ratio  (min)  max|diff|")
+    backends = CUDA_BACKENDS if args.device.startswith("cuda") else CPU_BACKENDS
+    print("  res batch | " + " | ".join(f"{b:>10s}: ms/img   img/s  peakMB   +MB" for b in backends) + " | "
+          + " | ".join(f"{b}: ratio  (min) max|diff|" for b in backends[1:]))
     results = []
     for resolution in args.resolutions:
         for batch in batches:
-            speed = measure_speed(resolution, batch, reps, args.device, args.dtype)
+            speed = measure_speed(resolution, batch, reps, args.device, args.dtype, backends)
             memory = {} if args.no_memory else {
-                backend: measure_memory(resolution, batch, backend, args.device, args.dtype) for backend in BACKENDS}
-            print(_format_row(resolution, batch, speed, memory), flush=True)
+                backend: measure_memory(resolution, batch, backend, args.device, args.dtype) for backend in backends}
+            print(_format_row(resolution, batch, speed, memory, backends), flush=True)
             results.append({"resolution": resolution, "batch": batch, "channel_base": _channel_base(resolution),
                             "device": args.device, "dtype": args.dtype, "threads": threads, **speed,
                             "memory": memory})
-    print("ratio = reference median / fused median (higher is better for fused); +MB = growth during one call")
+    print("ratio = reference median / backend median (higher is faster than the reference); "
+          "+MB = growth during one call")
     if args.json:
         from clip2gan_cli.fileutil import atomic_write_text
         atomic_write_text(args.json, json.dumps(results, indent=2))

@@ -1,18 +1,20 @@
-"""The fused ops backend computes what the reference computes: forward and gradients, op by op and
+"""The eager ops backend (formerly `fused`) computes what the reference computes: forward and gradients, op by op and
 through whole networks, on CPU (and on CUDA when present: those tests are marked `cuda`).
 
-Tolerance is the parity rule of ../shared/parity/README.md: max|fused - reference| <= 1e-5 * max(1, max|ref|),
+Tolerance is the parity rule of ../shared/parity/README.md: max|eager - reference| <= 1e-5 * max(1, max|ref|),
 applied per tensor (gradients included).
 """
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
 
 from clip2gan_cli.stylegan2 import build_discriminator, build_generator, get_ops, resolve_backend
-from clip2gan_cli.stylegan2.ops import fused, reference
+from clip2gan_cli.stylegan2 import ops as ops_pkg
+from clip2gan_cli.stylegan2.ops import eager, reference
 from parity_helpers import assert_close
 
 HAS_CUDA = torch.cuda.is_available()
@@ -22,7 +24,7 @@ FIR = reference.setup_filter([1, 3, 3, 1])
 def run_both(op_name, inputs: dict, kwargs: dict, seed=0):
     """Run an op with each backend on clones of `inputs` (leaf tensors with grad); return outputs and grads."""
     results = {}
-    for backend in ("reference", "fused"):
+    for backend in ("reference", "eager"):
         leaves = {name: tensor.detach().clone().requires_grad_(tensor.requires_grad) for name, tensor in
                   inputs.items()}
         out = getattr(get_ops(backend), op_name)(**leaves, **kwargs)
@@ -35,7 +37,7 @@ def run_both(op_name, inputs: dict, kwargs: dict, seed=0):
 
 def assert_backends_agree(op_name, inputs, **kwargs):
     results = run_both(op_name, inputs, kwargs)
-    (ref_out, ref_grads), (out, grads) = results["reference"], results["fused"]
+    (ref_out, ref_grads), (out, grads) = results["reference"], results["eager"]
     assert_close(out, ref_out, f"{op_name} forward {kwargs}")
     for name, ref_grad in ref_grads.items():
         assert_close(grads[name], ref_grad, f"{op_name} d/d{name} {kwargs}")
@@ -49,11 +51,24 @@ def _randn(*shape, seed=0):
 # Dispatch
 
 
-def test_fused_backend_is_available_and_selected_by_name():
-    assert fused.is_available() is True
-    assert fused.unavailable_reason() == ""
-    assert resolve_backend("fused") == "fused"
-    assert get_ops("fused") is fused
+def test_eager_backend_is_available_and_selected_by_name():
+    assert eager.is_available() is True
+    assert eager.unavailable_reason() == ""
+    assert resolve_backend("eager") == "eager"
+    assert get_ops("eager") is eager
+
+
+def test_old_name_fused_still_selects_eager_with_one_deprecation_warning(monkeypatch):
+    monkeypatch.setattr(ops_pkg, "_deprecation_warned", set())
+    monkeypatch.setattr(ops_pkg, "_loaded", {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_backend("fused") == "eager"
+        assert resolve_backend("fused") == "eager"
+        assert get_ops("fused") is eager
+    messages = [str(w.message) for w in caught]
+    assert messages == ["StyleGAN2 backend 'fused' is now called 'eager' (same ops); the old name will go away"]
+    assert caught[0].category is FutureWarning
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,16 +97,16 @@ def test_bias_act_negative_gain_keeps_reference_order():
                           act="lrelu", gain=-1.5)
 
 
-def test_fused_ops_never_modify_their_inputs():
+def test_eager_ops_never_modify_their_inputs():
     x, b = _randn(1, 4, 8, 8), _randn(4)
     weight, styles, noise = _randn(4, 4, 3, 3), _randn(1, 4) + 1, _randn(16, 16)
     snapshot = [t.clone() for t in (x, b, weight, styles, noise)]
     with torch.no_grad():
         for gain in (None, 1.0):
-            fused.bias_act(x, b, act="lrelu", gain=gain, clamp=0.5)
-            fused.bias_act(x, None, act="lrelu", gain=gain, clamp=0.5)
-        fused.modulated_conv2d(x, weight, styles, noise=noise, up=2, padding=1, resample_filter=FIR)
-        fused.upfirdn2d(x, FIR, up=2, padding=[2, 1, 2, 1], gain=4)
+            eager.bias_act(x, b, act="lrelu", gain=gain, clamp=0.5)
+            eager.bias_act(x, None, act="lrelu", gain=gain, clamp=0.5)
+        eager.modulated_conv2d(x, weight, styles, noise=noise, up=2, padding=1, resample_filter=FIR)
+        eager.upfirdn2d(x, FIR, up=2, padding=[2, 1, 2, 1], gain=4)
     for before, after in zip(snapshot, (x, b, weight, styles, noise)):
         assert torch.equal(before, after)
 
@@ -143,7 +158,7 @@ def test_conv2d_resample_asymmetric_padding(padding):
 def test_conv2d_resample_large_maps_run_channels_last():
     x, w = _randn(1, 8, 32, 32), _randn(8, 8, 3, 3)
     with torch.no_grad():
-        y = fused.conv2d_resample(x, w, padding=1)
+        y = eager.conv2d_resample(x, w, padding=1)
     assert y.is_contiguous(memory_format=torch.channels_last)  # the fast layout is actually used
     assert_close(y, reference.conv2d_resample(x, w, padding=1), "channels_last conv")
 
@@ -177,7 +192,7 @@ def test_modulated_conv2d_1x1_torgb(batch):
               "styles": (_randn(batch, 8) / 8 ** 0.5).requires_grad_()}
     assert_backends_agree("modulated_conv2d", inputs, demodulate=False)
     with torch.no_grad():
-        image = fused.modulated_conv2d(**inputs, demodulate=False)
+        image = eager.modulated_conv2d(**inputs, demodulate=False)
     assert image.is_contiguous()  # images come back in the ordinary layout
 
 
@@ -188,33 +203,33 @@ def test_weight_cache_follows_in_place_weight_updates():
     with torch.no_grad():
         for up in (1, 2):
             kwargs = dict(up=up, padding=1, resample_filter=FIR, flip_weight=(up == 1))
-            first = fused.modulated_conv2d(x, weight, styles, **kwargs)
+            first = eager.modulated_conv2d(x, weight, styles, **kwargs)
             assert_close(first, reference.modulated_conv2d(x, weight, styles, **kwargs), "before update")
-            assert any(entry[0]() is weight for entry in fused._derived_cache.values())  # cached
+            assert any(entry[0]() is weight for entry in eager._derived_cache.values())  # cached
             weight.mul_(-0.5).add_(0.1)  # what an optimizer step or load_state_dict does
-            second = fused.modulated_conv2d(x, weight, styles, **kwargs)
+            second = eager.modulated_conv2d(x, weight, styles, **kwargs)
             assert_close(second, reference.modulated_conv2d(x, weight, styles, **kwargs), "after update")
 
 
 def test_weight_cache_entries_die_with_their_weights():
     x, styles = _randn(1, 16, 4, 4), _randn(1, 16) + 1
     with torch.no_grad():
-        fused.modulated_conv2d(x, _randn(16, 16, 3, 3), styles, padding=1)
-        baseline = len(fused._derived_cache)
+        eager.modulated_conv2d(x, _randn(16, 16, 3, 3), styles, padding=1)
+        baseline = len(eager._derived_cache)
         for seed in range(20):
-            fused.modulated_conv2d(x, _randn(16, 16, 3, 3, seed=seed), styles, up=2, padding=1,
+            eager.modulated_conv2d(x, _randn(16, 16, 3, 3, seed=seed), styles, up=2, padding=1,
                                    resample_filter=FIR, flip_weight=False)
-    assert len(fused._derived_cache) <= baseline + 2  # temporary weights leave nothing behind
+    assert len(eager._derived_cache) <= baseline + 2  # temporary weights leave nothing behind
 
 
 def test_inference_mode_then_training_through_a_frozen_weight():
     # Nothing derived under inference_mode may be reused where autograd has to save it.
     weight, styles = _randn(16, 16, 3, 3), _randn(1, 16) + 1  # big weight, small map: the caching path
     with torch.inference_mode():
-        fused.modulated_conv2d(_randn(1, 16, 2, 2), weight, styles, up=2, padding=1, resample_filter=FIR,
+        eager.modulated_conv2d(_randn(1, 16, 2, 2), weight, styles, up=2, padding=1, resample_filter=FIR,
                                flip_weight=False)
     x, styles = _randn(1, 16, 2, 2).requires_grad_(), styles.clone().requires_grad_()
-    y = fused.modulated_conv2d(x, weight, styles, up=2, padding=1, resample_filter=FIR, flip_weight=False)
+    y = eager.modulated_conv2d(x, weight, styles, up=2, padding=1, resample_filter=FIR, flip_weight=False)
     y.sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(styles.grad).all()
 
@@ -267,7 +282,7 @@ def test_generator_images_and_gradients_match(batch, conv_clamp, training):
     G = _randomize(_small_generator(conv_clamp=conv_clamp)).train(training)
     ws = G.mapping(_randn(batch, G.z_dim, seed=2), truncation_psi=0.7).detach()
     ref_image, ref_grads = _generator_outputs(G, "reference", ws, noise_mode="const")
-    image, grads = _generator_outputs(G, "fused", ws, noise_mode="const")
+    image, grads = _generator_outputs(G, "eager", ws, noise_mode="const")
     assert_close(image, ref_image, "image")
     assert image.is_contiguous()
     names = ["ws"] + [name for name, p in G.named_parameters() if p.requires_grad]
@@ -286,13 +301,13 @@ def test_generator_noise_modes_match(noise_mode):
     if noise_mode == "explicit":
         kwargs = {"noise": G.synthesis.make_noise(2, generator=torch.Generator().manual_seed(5))}
     with torch.no_grad():
-        images = {b: G.set_backend(b).synthesis(ws, **kwargs) for b in ("reference", "fused")}
-    assert_close(images["fused"], images["reference"], noise_mode)
+        images = {b: G.set_backend(b).synthesis(ws, **kwargs) for b in ("reference", "eager")}
+    assert_close(images["eager"], images["reference"], noise_mode)
 
 
 def test_generator_repeated_inference_is_stable():
     # Inference reuses cached weight-derived tensors; results must not drift between calls.
-    G = _randomize(_small_generator(), seed=6).eval().set_backend("fused")
+    G = _randomize(_small_generator(), seed=6).eval().set_backend("eager")
     ws = G.mapping(_randn(1, G.z_dim)).detach()
     with torch.no_grad():
         first, second = G.synthesis(ws), G.synthesis(ws)
@@ -304,15 +319,15 @@ def test_discriminator_logits_and_gradients_match(batch):
     D = _randomize(build_discriminator(32, channel_base=256, channel_max=32, seed=0, backend="reference"), seed=7)
     images = _randn(batch, 3, 32, 32, seed=8)
     results = {}
-    for backend in ("reference", "fused"):
+    for backend in ("reference", "eager"):
         D.set_backend(backend)
         x = images.clone().requires_grad_()
         logits = D(x)
         params = list(D.parameters())
         grads = torch.autograd.grad(logits.sum(), [x] + params)
         results[backend] = (logits.detach(), grads)
-    assert_close(results["fused"][0], results["reference"][0], "logits")
-    for index, (grad, ref_grad) in enumerate(zip(results["fused"][1], results["reference"][1])):
+    assert_close(results["eager"][0], results["reference"][0], "logits")
+    for index, (grad, ref_grad) in enumerate(zip(results["eager"][1], results["reference"][1])):
         assert_close(grad, ref_grad, f"D gradient #{index}")
 
 
@@ -347,7 +362,7 @@ def test_cuda_generator_matches_reference(no_tf32):
     G = _randomize(_small_generator(), seed=9).eval().cuda()
     ws = G.mapping(_randn(2, G.z_dim).cuda()).detach()
     ref_image, ref_grads = _generator_outputs(G, "reference", ws)
-    image, grads = _generator_outputs(G, "fused", ws)
+    image, grads = _generator_outputs(G, "eager", ws)
     assert_close(image, ref_image, "cuda image")
     assert_close(grads[0], ref_grads[0], "cuda d image / d ws")
 
@@ -363,6 +378,6 @@ def test_cuda_half_precision_generator_is_finite_and_close(dtype):
     with torch.no_grad():
         full = G.set_backend("reference").synthesis(ws).float()
         G = G.to(dtype)
-        half = G.set_backend("fused").synthesis(ws.to(dtype)).float()
+        half = G.set_backend("eager").synthesis(ws.to(dtype)).float()
     assert torch.isfinite(half).all()
     assert (half - full).abs().max().item() <= 0.05 * max(1.0, full.abs().max().item())

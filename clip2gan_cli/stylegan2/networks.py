@@ -167,6 +167,7 @@ class _OpsUser(nn.Module):
 
 
 def _set_backend(root: nn.Module, backend: str) -> str:
+    """Resolve `backend` once (see stylegan2.ops) and give every ops-calling layer the resolved name."""
     resolved = resolve_backend(backend)
     for module in root.modules():
         if isinstance(module, _OpsUser):
@@ -188,7 +189,7 @@ class _SwitchableBackend(nn.Module):
         self.set_backend(name)
 
     def set_backend(self, name: str):
-        """Switch every layer to backend `name` ("auto", "reference" or "fused"); returns self."""
+        """Switch every layer to backend `name` ("auto", "reference", "eager" or "triton"); returns self."""
         self._backend = _set_backend(self, name)
         return self
 
@@ -354,11 +355,13 @@ class SynthesisLayer(_OpsUser):
                 scaled_noise = raw * self.noise_strength
             elif noise_mode == "const":
                 scaled_noise = self.noise_const * self.noise_strength
-        x = self.ops.modulated_conv2d(x, self.weight, styles, noise=scaled_noise, up=self.up, padding=self.padding,
-                                      resample_filter=self.resample_filter, flip_weight=(self.up == 1),
-                                      fused_modconv=fused_modconv)
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return self.ops.bias_act(x, self.bias.to(x.dtype), act="lrelu", gain=self.act_gain * gain, clamp=clamp)
+        # conv, then the epilogue (demodulation, noise, bias, lrelu, gain, clamp): one kernel on triton
+        return self.ops.modulated_conv2d_bias_act(x, self.weight, styles, bias=self.bias.to(x.dtype),
+                                                  noise=scaled_noise, up=self.up, padding=self.padding,
+                                                  resample_filter=self.resample_filter,
+                                                  flip_weight=(self.up == 1), fused_modconv=fused_modconv,
+                                                  act="lrelu", gain=self.act_gain * gain, clamp=clamp)
 
     def extra_repr(self):
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, resolution={self.resolution}, "
@@ -383,8 +386,9 @@ class ToRGBLayer(_OpsUser):
 
     def forward(self, x, w, fused_modconv=True):
         styles = self.affine(w) * self.weight_gain
-        x = self.ops.modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
-        return self.ops.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
+        return self.ops.modulated_conv2d_bias_act(x, self.weight, styles, bias=self.bias.to(x.dtype),
+                                                  demodulate=False, fused_modconv=fused_modconv,
+                                                  clamp=self.conv_clamp)
 
     def extra_repr(self):
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, conv_clamp={self.conv_clamp}"

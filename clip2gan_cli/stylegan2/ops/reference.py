@@ -1,8 +1,10 @@
 """Reference StyleGAN2 ops in plain PyTorch: readable, differentiable, and the spec.
 
 Semantics follow NVIDIA stylegan2-ada-pytorch (`torch_utils/ops/*`, pure-PyTorch paths):
-`bias_act`, `upfirdn2d`, `conv2d_resample`, `modulated_conv2d`. The fused backend
-(`ops/fused.py`) defines the same functions with the same signatures and is tested against these.
+`bias_act`, `upfirdn2d`, `conv2d_resample`, `modulated_conv2d`, plus `modulated_conv2d_bias_act`
+(a synthesis layer's conv and its epilogue, composed here from the two). The other backends
+(`ops/eager.py`, `ops/triton_kernels.py`) define the same functions with the same signatures and
+are tested against these.
 
 Conventions: tensors are NCHW; padding is `[x0, x1, y0, y1]` (an int means the same on all
 sides); FIR filters come from `setup_filter` (2-D, or 1-D for a separable filter).
@@ -144,6 +146,13 @@ def conv2d_resample(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight
     up: zero-insert, conv, FIR (done as one strided transposed conv + FIR); down: FIR, strided conv.
     `padding` is the conv's own padding before the resampling adjustments.
     """
+    return conv2d_resample_with(upfirdn2d, x, w, f, up, down, padding, groups, flip_weight, flip_filter)
+
+
+def conv2d_resample_with(upfirdn2d, x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight=True,
+                         flip_filter=False):
+    """`conv2d_resample` with the FIR steps done by the given `upfirdn2d` (a backend's own); the
+    convolutions are torch's. Written once here so every backend shares the branch structure."""
     out_channels, in_per_group, kh, kw = w.shape
     px0, px1, py0, py1 = resample_padding(padding, f, up, down)
 
@@ -214,3 +223,17 @@ def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, res
     if noise is not None:
         x = x.add_(noise.to(x.dtype))  # in place: x is the conv's fresh output
     return x
+
+
+def modulated_conv2d_bias_act(x, weight, styles, bias=None, noise=None, up=1, down=1, padding=0,
+                              resample_filter=None, demodulate=True, flip_weight=True, fused_modconv=True,
+                              act="linear", alpha=None, gain=None, clamp=None):
+    """A synthesis layer's conv and epilogue: `bias_act(modulated_conv2d(...), bias, ...)`.
+
+    One op so that a backend can fuse everything after the convolution (demodulation, noise, bias,
+    activation, gain, clamp) into one pass; here it is the two steps, which is the spec.
+    """
+    x = modulated_conv2d(x, weight, styles, noise=noise, up=up, down=down, padding=padding,
+                         resample_filter=resample_filter, demodulate=demodulate, flip_weight=flip_weight,
+                         fused_modconv=fused_modconv)
+    return bias_act(x, bias, act=act, alpha=alpha, gain=gain, clamp=clamp)

@@ -1,4 +1,6 @@
-"""Fused StyleGAN2 ops: the reference math (ops/reference.py) rearranged to run faster, same signatures.
+"""Eager StyleGAN2 ops: the reference math (ops/reference.py) rearranged to run faster, same signatures.
+
+This backend was called `fused`; that name is still accepted (deprecated, see ops/__init__.py).
 
 Plain eager PyTorch, nothing compiled (no nvcc, no torch.compile, nothing at import time). Each
 rearrangement below was measured side by side against the reference on the project's 2-core CPU
@@ -47,13 +49,13 @@ _availability: tuple[bool, str] | None = None  # (works here, why not): decided 
 
 
 def is_available() -> bool:
-    """True when the fused ops run here and match the reference on a tiny self-check (cached)."""
+    """True when the eager ops run here and match the reference on a tiny self-check (cached)."""
     global _availability
     if _availability is None:
         try:
             _availability = _self_check()
         except Exception as error:  # any failure means: use the reference, and say why
-            _availability = (False, f"the fused self-check raised {type(error).__name__}: {error}")
+            _availability = (False, f"the eager self-check raised {type(error).__name__}: {error}")
     return _availability[0]
 
 
@@ -81,7 +83,7 @@ def _self_check() -> tuple[bool, str]:
     for name, run in cases.items():
         got, want = run(sys.modules[__name__]), run(reference)
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-            return False, f"the fused {name} disagrees with the reference on this platform"
+            return False, f"the eager {name} disagrees with the reference on this platform"
     return True, ""
 
 
@@ -336,4 +338,15 @@ def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, res
     return y.add_(noise.to(y.dtype)) if noise is not None else y
 
 
-__all__ = ["bias_act", "conv2d_resample", "is_available", "modulated_conv2d", "unavailable_reason", "upfirdn2d"]
+def modulated_conv2d_bias_act(x, weight, styles, bias=None, noise=None, up=1, down=1, padding=0,
+                              resample_filter=None, demodulate=True, flip_weight=True, fused_modconv=True,
+                              act="linear", alpha=None, gain=None, clamp=None):
+    """reference.modulated_conv2d_bias_act with this backend's two steps (each already allocation-lean)."""
+    x = modulated_conv2d(x, weight, styles, noise=noise, up=up, down=down, padding=padding,
+                         resample_filter=resample_filter, demodulate=demodulate, flip_weight=flip_weight,
+                         fused_modconv=fused_modconv)
+    return bias_act(x, bias, act=act, alpha=alpha, gain=gain, clamp=clamp)
+
+
+__all__ = ["bias_act", "conv2d_resample", "is_available", "modulated_conv2d", "modulated_conv2d_bias_act",
+           "unavailable_reason", "upfirdn2d"]
