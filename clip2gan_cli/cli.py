@@ -94,7 +94,7 @@ def precision_option():
 
 
 def backend_option():
-    return typer.Option("auto", "--backend", help="StyleGAN2 kernels: auto | fused | reference.")
+    return typer.Option("auto", "--backend", help="StyleGAN2 ops: auto | eager | triton | reference (fused: old name of eager).")
 
 
 def json_option():
@@ -435,7 +435,7 @@ def train_command(
     export_pack: Optional[str] = typer.Option(None, "--export-pack", help="Register the result as local pack NAME."),
     device: Optional[str] = typer.Option(None, "--device", help=f"Where to train: {DEVICE_CHOICES} (config default auto)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 autocast (config default fp32)."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="StyleGAN2 kernels: auto | fused | reference."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="StyleGAN2 ops: auto | eager | triton | reference (fused: old name of eager)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train the CLIP->W+ mapper without text (frozen CLIP and StyleGAN2); resumable, torchrun-ready."""

@@ -41,7 +41,7 @@ class TrainConfig:
     generator: str = ""
     # CLIP as "MODEL:TAG" (open_clip), a registry name or a local CLIP file, when no pack is named.
     clip: str = ""
-    # StyleGAN2 kernels: "auto" uses the fused ops where they build, else the reference ones.
+    # StyleGAN2 ops: "auto" is eager on the CPU; on CUDA per op the faster of eager and triton (measured, cached).
     backend: str = "auto"
     # Mapper hidden width; 0 keeps the mapper module's own default (the paper's 512-wide MLP).
     mapper_hidden_dim: int = 0
