@@ -38,6 +38,9 @@ PARAMETER_FLAGS = {
     "pack": "--pack", "images_per_prompt": "-n", "score_clip": "--score-clip", "features": "--features",
     "fid_mode": "--fid-mode", "inception_weights": "--inception-weights", "kid": "--kid",
     "kid_subset_size": "--kid-subset-size", "kid_subsets": "--kid-subsets",
+    # models (packs.select_models) and train (TrainConfig's fields, run_training's arguments)
+    "mapper": "--mapper", "generator": "--generator", "clip": "--clip", "data": "--data", "steps": "--steps",
+    "resume": "--resume", "run_dir": "--out", "export_pack": "--export-pack", "overrides": "--set",
 }
 
 
