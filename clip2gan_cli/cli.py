@@ -41,6 +41,8 @@ PARAMETER_FLAGS = {
     # models (packs.select_models) and train (TrainConfig's fields, run_training's arguments)
     "mapper": "--mapper", "generator": "--generator", "clip": "--clip", "data": "--data", "steps": "--steps",
     "resume": "--resume", "run_dir": "--out", "export_pack": "--export-pack", "overrides": "--set",
+    # the run options of every model command
+    "device": "--device", "precision": "--precision", "backend": "--backend",
 }
 
 
