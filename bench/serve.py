@@ -16,13 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 GOALS_MS = {"edit re-render": 60.0, "generate 8 images": 150.0}
 

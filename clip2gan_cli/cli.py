@@ -33,6 +33,16 @@ PARAMETER_FLAGS = {
     "n": "-n", "batch_size": "--batch-size", "frames": "--frames", "prior": "--prior", "gif": "--gif",
     "layers": "--layers", "neutral": "--neutral", "contrast_sets": "--contrast", "direction": "--direction",
     "refine_steps": "--refine-steps", "align=False": "--no-align", "beta": "--beta", "edit": "--edit",
+    # eval-fid (metrics.EvalConfig's fields)
+    "real": "--real", "stats": "--stats", "save_stats": "--save-stats", "fake": "--fake", "prompts": "--prompts",
+    "pack": "--pack", "images_per_prompt": "-n", "score_clip": "--score-clip", "features": "--features",
+    "fid_mode": "--fid-mode", "inception_weights": "--inception-weights", "kid": "--kid",
+    "kid_subset_size": "--kid-subset-size", "kid_subsets": "--kid-subsets",
+    # models (packs.select_models) and train (TrainConfig's fields, run_training's arguments)
+    "mapper": "--mapper", "generator": "--generator", "clip": "--clip", "data": "--data", "steps": "--steps",
+    "resume": "--resume", "run_dir": "--out", "export_pack": "--export-pack", "overrides": "--set",
+    # the run options of every model command
+    "device": "--device", "precision": "--precision", "backend": "--backend",
 }
 
 
@@ -518,7 +528,7 @@ def eval_fid_command(
                         score_clip=score_clip, kid=kid, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
                         inception_weights=inception_weights, device=device, backend=backend, batch_size=batch_size,
                         seed=seed, cache=not no_cache, progress=not quiet)
-    result = evaluate(config, warn=err)
+    result = evaluate(config, warn=lambda message: err(as_flags(message)))
     if report is not None:
         write_report(result, report)
     Console(stderr=json_out).print(report_table(result))

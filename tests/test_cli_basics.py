@@ -125,3 +125,34 @@ def test_library_parameters_become_flags_in_cli_errors():
     # names it does not know, and commands in backquotes, are left as they are
     assert as_flags("`other` is odd; run `clip2gan download-weights x`") == \
         "`other` is odd; run `clip2gan download-weights x`"
+
+
+def _backquoted_names_in_library_messages() -> dict[str, str]:
+    """Each `name` in the string literals of the package's error, warning and log calls -> where it stands."""
+    import ast
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "clip2gan_cli"
+    names = {}
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and (ast.unparse(node.func).endswith("Error")
+                                               or ast.unparse(node.func) in ("warn", "log", "warnings.warn")):
+                for part in ast.walk(node):
+                    if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                        for name in re.findall(r"`([^`\s]+)`", part.value):
+                            names.setdefault(name, f"{path.relative_to(package)}:{node.lineno}")
+    return names
+
+
+def test_every_parameter_a_library_message_names_has_a_flag():
+    # A name missing from PARAMETER_FLAGS would reach the terminal in backquotes instead of as its flag.
+    from clip2gan_cli.cli import PARAMETER_FLAGS
+
+    names = _backquoted_names_in_library_messages()
+    assert {"fid_mode", "data", "clip", "frames"} <= set(names)  # the scan sees the messages it is about
+    unmapped = {name: where for name, where in names.items() if name not in PARAMETER_FLAGS}
+    assert not unmapped, f"library messages name parameters the CLI cannot map to a flag: {unmapped}"

@@ -173,7 +173,7 @@ def test_empty_prompts_file_is_refused(cli_runner, folders, tmp_path):
     assert "holds no prompt" in run_error(cli_runner, ["--real", real, "--prompts", tmp_path / "p.txt", "-n", "2"])
 
 
-# --------------------------------------------------------------------------- issue 15: new flags
+# --------------------------------------------------------------------------- stats files, report fields, scoring CLIP, FID modes
 
 
 def test_save_stats_then_stats_gives_the_same_distance(cli_runner, folders, tiny_pack, tmp_path):

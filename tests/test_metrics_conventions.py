@@ -1,4 +1,4 @@
-"""Issue 15: the two FID conventions, DINOv2 through torch-fidelity's extractor, precision/recall,
+"""The two FID conventions, DINOv2 through torch-fidelity's extractor, precision/recall,
 R-precision, statistics files and a cache that never mixes modes (random-weight extractors, offline)."""
 from __future__ import annotations
 

@@ -156,15 +156,19 @@ def test_fd_clip_of_a_folder_against_itself_is_zero(tmp_path, tiny_pack_name):
     assert report["n_real"] == report["n_fake"] == 5
 
 
+# The library names EvalConfig's fields; the CLI prints their flags (--fake, -n, --features, --batch-size),
+# as tests/test_eval_fid_cli.py asserts.
 @pytest.mark.parametrize("changes, message", [
-    (dict(fake=None), "either --fake DIR or --prompts"),
+    (dict(fake=None), "either `fake` DIR or `prompts`"),  # CLI: either --fake DIR or --prompts
     (dict(prompts=Path("p.txt")), "not both"),
-    (dict(fake=None, prompts=Path("p.txt")), "needs -n"),
-    (dict(images_per_prompt=2), "only applies with --prompts"),
-    (dict(features="vgg"), "unknown --features"),
-    (dict(batch_size=0), "--batch-size must be at least 1"),
-    (dict(fake=None, prompts=Path("p.txt"), images_per_prompt=0), "-n must be at least 1"),
-    (dict(features="clip", inception_weights=Path("x.pth")), "only applies with --features inception"),
+    (dict(fake=None, prompts=Path("p.txt")), "needs `images_per_prompt`"),  # CLI: needs -n
+    (dict(images_per_prompt=2), "only applies with `prompts`"),  # CLI: only applies with --prompts
+    (dict(features="vgg"), "unknown `features`"),  # CLI: unknown --features
+    (dict(batch_size=0), "`batch_size` must be at least 1"),  # CLI: --batch-size must be at least 1
+    (dict(fake=None, prompts=Path("p.txt"), images_per_prompt=0),
+     "`images_per_prompt` must be at least 1"),  # CLI: -n must be at least 1
+    (dict(features="clip", inception_weights=Path("x.pth")),
+     "only applies with `features` inception"),  # CLI: only applies with --features inception
 ])
 def test_contradictory_options_are_user_errors(tmp_path, changes, message):
     config = EvalConfig(real=tmp_path, fake=tmp_path, progress=False)

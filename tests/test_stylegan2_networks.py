@@ -21,6 +21,7 @@ from clip2gan_cli.stylegan2.networks import (
     build_generator,
 )
 from clip2gan_cli.stylegan2.ops import reference as ref
+from parity_helpers import assert_close
 
 TINY = dict(z_dim=16, w_dim=16, channel_base=256, channel_max=16)
 
@@ -41,12 +42,6 @@ def randomize_noise_strengths(G, seed=0):
         for name, p in G.named_parameters():
             if name.endswith("noise_strength"):
                 p.copy_(torch.rand([], generator=gen) + 0.5)
-
-
-def assert_close_relative(a, b, name, rel=1e-5):
-    """max|a - b| <= rel * max(1, max|b|): float32 reassociation noise passes, real differences do not."""
-    error, scale = (a - b).abs().max().item(), max(1.0, b.abs().max().item())
-    assert error <= rel * scale, f"{name}: {error:.3g} > {rel * scale:.3g}"
 
 
 # ---- configs ----------------------------------------------------------------------------------
@@ -210,10 +205,10 @@ def test_fused_and_non_fused_modconv_agree_in_forward_and_gradients():
         img.square().sum().backward()
         results.append((img.detach(), ws_leaf.grad, {n: p.grad.clone() for n, p in G.synthesis.named_parameters()}))
     (img_a, gws_a, grads_a), (img_b, gws_b, grads_b) = results
-    assert_close_relative(img_a, img_b, "image")
-    assert_close_relative(gws_a, gws_b, "d/dws")
+    assert_close(img_a, img_b, "image")
+    assert_close(gws_a, gws_b, "d/dws")
     for name in grads_a:
-        assert_close_relative(grads_a[name], grads_b[name], name)
+        assert_close(grads_a[name], grads_b[name], name)
 
 
 def test_discriminator_trains_and_deepcopy_makes_an_independent_ema_copy():

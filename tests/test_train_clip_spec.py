@@ -9,7 +9,7 @@ from clip2gan_cli.packs import parse_clip_spec
 
 @pytest.mark.parametrize("spec", ["ViT-B-16", ":openai", "ViT-B-16:", "  "])
 def test_malformed_spec_is_one_user_error_with_the_accepted_forms(spec):
-    with pytest.raises(UserInputError, match="malformed --clip") as caught:
+    with pytest.raises(UserInputError, match="malformed `clip`") as caught:  # the CLI says --clip
         parse_clip_spec(spec)
     assert "MODEL:TAG" in caught.value.hint and "clip_config.json" in caught.value.hint
 

@@ -41,7 +41,7 @@ def test_unknown_key_is_rejected_by_name(tmp_path):
     ({"lpips_net": "squeeze"}, "lpips_net must be one of"),
     ({"batch_size": "8"}, "batch_size' expects int"),
     ({"compile": 1}, "compile' expects bool"),
-    ({"synthetic_ratio": 0.5}, "needs --data DIR"),
+    ({"synthetic_ratio": 0.5}, "needs `data` DIR"),  # the CLI says --data DIR
     ({"lr_schedule": "linear"}, "lr_schedule must be one of"),
     ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
 ])

@@ -1,4 +1,6 @@
-"""What `evaluate` computes (`EvalConfig`, one field per `eval-fid` option) and its checks."""
+"""What `evaluate` computes (`EvalConfig`, one field per `eval-fid` option) and its checks.
+
+Messages name the fields in backquotes (`fid_mode`); the CLI prints each as its flag (--fid-mode)."""
 from __future__ import annotations
 
 import os
@@ -60,21 +62,21 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
 
 def _validate_sources(config: EvalConfig) -> None:
     if (config.real is None) == (config.stats is None):
-        raise UserInputError("give either --real DIR or --stats FILE, not both or neither")
+        raise UserInputError("give either `real` DIR or `stats` FILE, not both or neither")
     if config.save_stats is not None and config.real is None:
-        raise UserInputError("--save-stats needs --real DIR (the folder whose statistics are saved)")
-    has_fake = config.fake is not None or config.prompts is not None
-    if config.fake is not None and config.prompts is not None:
-        raise UserInputError("give either --fake DIR or --prompts FILE (with --pack and -n), not both or neither")
-    if not has_fake and config.save_stats is None:
-        raise UserInputError("give either --fake DIR or --prompts FILE (with --pack and -n), not both or neither")
+        raise UserInputError("`save_stats` needs `real` DIR (the folder whose statistics are saved)")
+    both_fakes = config.fake is not None and config.prompts is not None
+    no_fake = config.fake is None and config.prompts is None
+    if both_fakes or (no_fake and config.save_stats is None):
+        raise UserInputError("give either `fake` DIR or `prompts` FILE (with `pack` and `images_per_prompt`), "
+                             "not both or neither")
     if config.prompts is not None and config.images_per_prompt is None:
-        raise UserInputError("--prompts needs -n (images generated per prompt)")
+        raise UserInputError("`prompts` needs `images_per_prompt` (images generated per prompt)")
     if config.prompts is None and config.images_per_prompt is not None:
-        raise UserInputError("-n only applies with --prompts")
-    for value, flag in ((config.score_clip, "--score-clip"), (config.prior, "--prior")):
+        raise UserInputError("`images_per_prompt` only applies with `prompts`")
+    for value, name in ((config.score_clip, "score_clip"), (config.prior, "prior")):
         if value is not None and config.prompts is None:
-            raise UserInputError(f"{flag} only applies with --prompts")
+            raise UserInputError(f"`{name}` only applies with `prompts`")
 
 
 def _is_clip_spec(spec: str) -> bool:
@@ -87,21 +89,21 @@ def _is_clip_spec(spec: str) -> bool:
 def validate_config(config: EvalConfig) -> None:
     """UserInputError for contradictory or missing options (before any model is loaded)."""
     if config.features not in FEATURE_KINDS:
-        raise UserInputError(f"unknown --features '{config.features}'", hint=f"expected {', '.join(FEATURE_KINDS)}")
+        raise UserInputError(f"unknown `features` '{config.features}'", hint=f"expected {', '.join(FEATURE_KINDS)}")
     if config.fid_mode not in FID_MODES:
-        raise UserInputError(f"unknown --fid-mode '{config.fid_mode}'", hint=f"expected {' or '.join(FID_MODES)}")
+        raise UserInputError(f"unknown `fid_mode` '{config.fid_mode}'", hint=f"expected {' or '.join(FID_MODES)}")
     if config.fid_mode != "legacy" and config.features == "clip":
-        raise UserInputError("--fid-mode clean applies to inception and dinov2 features; the CLIP space uses "
+        raise UserInputError("`fid_mode` clean applies to inception and dinov2 features; the CLIP space uses "
                              "the CLIP's own preprocessing")
     if config.prior is not None and config.prior not in GENERATION_PRIORS:
-        raise UserInputError(f"unknown --prior '{config.prior}'", hint=f"expected {' or '.join(GENERATION_PRIORS)}")
+        raise UserInputError(f"unknown `prior` '{config.prior}'", hint=f"expected {' or '.join(GENERATION_PRIORS)}")
     if config.score_clip is not None and not _is_clip_spec(config.score_clip):
-        raise UserInputError(f"malformed --score-clip '{config.score_clip}'",
+        raise UserInputError(f"malformed `score_clip` '{config.score_clip}'",
                              hint="expected MODEL:TAG (e.g. ViT-B-32-quickgelu:openai), MODEL:FILE or a clip_config.json")
     _validate_sources(config)
     if config.images_per_prompt is not None and config.images_per_prompt < 1:
-        raise UserInputError(f"-n must be at least 1, got {config.images_per_prompt}")
+        raise UserInputError(f"`images_per_prompt` must be at least 1, got {config.images_per_prompt}")
     if config.batch_size < 1:
-        raise UserInputError(f"--batch-size must be at least 1, got {config.batch_size}")
+        raise UserInputError(f"`batch_size` must be at least 1, got {config.batch_size}")
     if config.inception_weights is not None and config.features != "inception":
-        raise UserInputError("--inception-weights only applies with --features inception")
+        raise UserInputError("`inception_weights` only applies with `features` inception")

@@ -75,7 +75,7 @@ def _scoring_clip(config: EvalConfig, pack, device, warn: Callable[[str], None])
     same = sha256 == generator_sha256
     if same:
         warn("Warning: the scoring CLIP is the one that conditions the generator: CLIP score and R-precision are "
-             "biased upward; give --score-clip MODEL:TAG of another CLIP for numbers to cite")
+             "biased upward; give `score_clip` MODEL:TAG of another CLIP for numbers to cite")
     return clip, {"score_clip": name, "score_clip_weights_sha256": sha256, "score_clip_is_generator_clip": same}
 
 
@@ -135,7 +135,7 @@ def _real_set(config: EvalConfig, space) -> dict:
                 "real_stats_cached": None, "stats_file": str(config.stats)}
     real = fid.folder_features(config.real, space, batch_size=config.batch_size, cache=config.cache,
                                progress=config.progress)
-    fid.check_enough_images(real.n_images, fid.MIN_IMAGES_FID, f"--real {config.real}", "FID")
+    fid.check_enough_images(real.n_images, fid.MIN_IMAGES_FID, f"`real` {config.real}", "FID")
     if config.save_stats is not None:
         stats_file.save_statistics(config.save_stats, real.statistics, space, real.n_images, real.n_skipped)
     return {"statistics": real.statistics, "features": real.features, "n_real": real.n_images,
@@ -164,7 +164,7 @@ def _distances(config: EvalConfig, real: dict, fake_features, warn: Callable[[st
     fid.check_enough_images(len(fake_features), fid.MIN_IMAGES_FID, "the fake set", "FID")
     report = {"fid": fid.frechet_distance_from_statistics(real["statistics"], fid.feature_statistics(fake_features))}
     if real["features"] is None:
-        warn("Warning: a statistics file holds no features: precision/recall need --real DIR")
+        warn("Warning: a statistics file holds no features: precision/recall need `real` DIR")
         return report
     k = precision_recall.PRC_NEIGHBORHOOD
     if min(len(fake_features), len(real["features"])) > k:
@@ -203,7 +203,7 @@ def _prepare(config: EvalConfig):
     if config.kid and config.stats is not None:
         from ..errors import UserInputError
 
-        raise UserInputError("--kid needs the real images' features: give --real DIR, not --stats FILE")
+        raise UserInputError("`kid` needs the real images' features: give `real` DIR, not `stats` FILE")
     for folder in (config.real, config.fake):
         if folder is not None:
             images.list_image_files(folder)

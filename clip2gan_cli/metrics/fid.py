@@ -83,14 +83,14 @@ def kernel_distance(features_a: "torch.Tensor", features_b: "torch.Tensor",
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     if subset_size < 2:
-        raise UserInputError(f"--kid-subset-size must be >= 2, got {subset_size}")
+        raise UserInputError(f"`kid_subset_size` must be >= 2, got {subset_size}")
     if subsets < 1:
-        raise UserInputError(f"--kid-subsets must be >= 1, got {subsets}")
+        raise UserInputError(f"`kid_subsets` must be >= 1, got {subsets}")
     for features, what in ((features_a, "the real set"), (features_b, "the fake set")):
         if len(features) < subset_size:
             raise UserInputError(
                 f"KID with subset size {subset_size} needs at least {subset_size} images per set; "
-                f"{what} has {len(features)}", hint="lower --kid-subset-size")
+                f"{what} has {len(features)}", hint="lower `kid_subset_size`")
     metric = kid_features_to_metric(features_a.cpu(), features_b.cpu(), kid_subsets=subsets,
                                     kid_subset_size=subset_size, rng_seed=seed, verbose=False)
     return float(metric[KEY_METRIC_KID_MEAN]), float(metric[KEY_METRIC_KID_STD])

@@ -54,7 +54,7 @@ def load_statistics(path: str | os.PathLike) -> dict:
     missing = [key for key in ("mu", "sigma", "mode") if key not in loaded]
     if missing:
         raise UserInputError(f"statistics file {path} lacks {', '.join(missing)}",
-                             hint="expected an npz with mu, sigma and mode (eval-fid --save-stats writes one)")
+                             hint="expected an npz with mu, sigma and mode (eval-fid `save_stats` writes one)")
     mu, sigma = loaded["mu"], loaded["sigma"]
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or not np.isfinite(sigma).all():
         raise UserInputError(f"statistics file {path}: mu {mu.shape} and sigma {sigma.shape} do not form a Gaussian")
@@ -67,7 +67,7 @@ def check_statistics_match(stats: dict, space: FeatureSpace, path: str | os.Path
     """UserInputError when the statistics were made in another mode, feature kind, extractor or dimension."""
     mode = space_mode(space)
     if stats["mode"] != mode:
-        hint = "use --features clip" if stats["mode"] == NO_MODE else f"use --fid-mode {stats['mode']}"
+        hint = "use `features` clip" if stats["mode"] == NO_MODE else f"use `fid_mode` {stats['mode']}"
         raise UserInputError(f"statistics file {path} was made in mode {stats['mode']}; this run uses {mode}",
                              hint=f"{hint}, or statistics made in {mode}")
     for key, ours in (("features", space.name), ("feature_weights_sha256", space.weights_sha256)):

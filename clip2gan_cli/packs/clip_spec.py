@@ -44,11 +44,11 @@ def parse_clip_spec(spec: str, registry=None) -> ClipSpec:
         path = path / "clip_config.json"
     if path.suffix == ".json":
         if not path.is_file():
-            raise UserInputError(f"--clip {spec}: {path} does not exist", hint=CLIP_SPEC_HINT)
+            raise UserInputError(f"`clip` {spec}: {path} does not exist", hint=CLIP_SPEC_HINT)
         return ClipSpec("config", "", "local", str(path.with_name("clip.safetensors")), config=path)
     model, _, tag = spec.partition(":")
     if not model or not tag:
-        raise UserInputError(f"malformed --clip '{spec}'", hint=CLIP_SPEC_HINT)
+        raise UserInputError(f"malformed `clip` '{spec}'", hint=CLIP_SPEC_HINT)
     if Path(tag).expanduser().is_file():
         weights = str(Path(tag).expanduser())
         return ClipSpec("file", model, weights, weights)

@@ -123,12 +123,12 @@ def load_models(mapper: str | Path | None = None, generator: str | None = None, 
     from ..device import resolve_device
     from ..weights import resolve_reference
 
-    missing = [flag for flag, value in (("--generator", generator), ("--clip", clip)) if not value]
+    missing = [f"`{name}`" for name, value in (("generator", generator), ("clip", clip)) if not value]
     if need_mapper and not mapper:
-        missing.insert(0, "--mapper")
+        missing.insert(0, "`mapper`")
     if missing:
-        raise UserInputError(f"{', '.join(missing)} missing", hint="give --mapper, --generator and --clip together, "
-                                                                   "or use --pack NAME")
+        raise UserInputError(f"{', '.join(missing)} missing", hint="give `mapper`, `generator` and `clip` together, "
+                                                                   "or use `pack` NAME")
     torch_device = resolve_device(device) if not hasattr(device, "type") else device
     paths: dict[str, Path] = {}
     if mapper:
@@ -149,7 +149,7 @@ def select_models(pack: str | None = None, mapper: str | Path | None = None, gen
     """--pack NAME, or --mapper/--generator/--clip (not both); neither: the default pack."""
     if any((mapper, generator, clip)):
         if pack:
-            raise UserInputError("give either --pack or --mapper/--generator/--clip, not both")
+            raise UserInputError("give either `pack` or `mapper`/`generator`/`clip`, not both")
         return load_models(mapper=mapper, generator=generator, clip=clip, device=device, backend=backend,
                            need_mapper=need_mapper, text_only=text_only)
     return load_pack(pack, device=device, backend=backend, need_mapper=need_mapper, text_only=text_only)

@@ -24,7 +24,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -252,21 +252,14 @@ def _read_torch_checkpoint(path: Path, kind: str) -> ImportedCheckpoint:
 def _generator_from_tensors(tensors: Mapping[str, Any], latent_avg: torch.Tensor | None, source: str,
                             provenance: dict[str, str], config: GeneratorConfig | None = None) -> ImportedNetwork:
     """An ImportedNetwork from a generator state dict in NVIDIA or rosinality layout."""
-    tensors = dict(tensors)
-    for name, tensor in tensors.items():
-        check_tensor(name, tensor)
-    metadata = dict(provenance)
-    if "synthesis.b4.const" in tensors:
-        state_dict = tensors
-        metadata.setdefault("source_format", "nvidia-state-dict")
+    def from_nvidia(state_dict):
         if latent_avg is not None and "mapping.w_avg" not in state_dict:
             state_dict["mapping.w_avg"] = latent_avg.reshape(-1)
-    elif "input.input" in tensors:
-        state_dict = rosinality_to_nvidia_generator(tensors, latent_avg)
-        metadata.setdefault("source_format", "rosinality-pt")
-    else:
-        raise CheckpointError(f"{source}: unknown generator layout (expected NVIDIA keys such as synthesis.b4.const "
-                              f"or rosinality keys such as input.input; found {_key_list(tensors)})")
+        return state_dict
+
+    state_dict, metadata = _in_nvidia_layout(
+        "generator", tensors, source, provenance, ("synthesis.b4.const", "input.input"),
+        (from_nvidia, lambda rosinality: rosinality_to_nvidia_generator(rosinality, latent_avg)))
     estimate = "mapping.w_avg" not in state_dict
     if not estimate:
         metadata.setdefault("w_avg_source", "latent_avg" if latent_avg is not None else "checkpoint (mapping.w_avg)")
@@ -276,21 +269,30 @@ def _generator_from_tensors(tensors: Mapping[str, Any], latent_avg: torch.Tensor
 
 def _discriminator_from_tensors(tensors: Mapping[str, Any], source: str, provenance: dict[str, str],
                                 config: DiscriminatorConfig | None = None) -> ImportedNetwork:
+    """An ImportedNetwork from a discriminator state dict in NVIDIA or rosinality layout."""
+    state_dict, metadata = _in_nvidia_layout(
+        "discriminator", tensors, source, provenance, ("b4.out.weight", "final_linear.1.weight"),
+        (lambda nvidia: nvidia, rosinality_to_nvidia_discriminator))
+    config = config if config is not None else infer_discriminator_config(state_dict)
+    return ImportedNetwork("discriminator", state_dict, config, metadata)
+
+
+def _in_nvidia_layout(kind: str, tensors: Mapping[str, Any], source: str, provenance: dict[str, str],
+                      keys: tuple[str, str], convert: tuple[Callable, Callable]) -> tuple[dict, dict[str, str]]:
+    """Checked tensors in NVIDIA's layout and the metadata naming the layout they came in.
+
+    `keys` are a key only NVIDIA's / only rosinality's layout has; `convert` maps each layout's dict to NVIDIA's.
+    """
     tensors = dict(tensors)
     for name, tensor in tensors.items():
         check_tensor(name, tensor)
     metadata = dict(provenance)
-    if "b4.out.weight" in tensors:
-        state_dict = tensors
-        metadata.setdefault("source_format", "nvidia-state-dict")
-    elif "final_linear.1.weight" in tensors:
-        state_dict = rosinality_to_nvidia_discriminator(tensors)
-        metadata.setdefault("source_format", "rosinality-pt")
-    else:
-        raise CheckpointError(f"{source}: unknown discriminator layout (expected NVIDIA keys such as b4.out.weight "
-                              f"or rosinality keys such as final_linear.1.weight; found {_key_list(tensors)})")
-    config = config if config is not None else infer_discriminator_config(state_dict)
-    return ImportedNetwork("discriminator", state_dict, config, metadata)
+    for key, to_nvidia, layout in zip(keys, convert, ("nvidia-state-dict", "rosinality-pt")):
+        if key in tensors:
+            metadata.setdefault("source_format", layout)
+            return to_nvidia(tensors), metadata
+    raise CheckpointError(f"{source}: unknown {kind} layout (expected NVIDIA keys such as {keys[0]} "
+                          f"or rosinality keys such as {keys[1]}; found {_key_list(tensors)})")
 
 
 def _key_list(mapping: Mapping, limit: int = 6) -> str:

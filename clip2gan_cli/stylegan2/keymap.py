@@ -16,18 +16,19 @@ _ROS_STYLE = re.compile(r"style\.(\d+)\.(weight|bias)")
 _ROS_NOISE = re.compile(r"noises\.noise_(\d+)")
 _ROS_LAYER = re.compile(r"(conv1|to_rgb1|convs\.(\d+)|to_rgbs\.(\d+))\.(.+)")
 # Suffix inside a rosinality StyledConv / ToRGB -> (NVIDIA suffix or None to drop, reshape rule).
-_ROS_STYLED_CONV = {
+_ROS_MODULATED_CONV = {  # what a StyledConv and a ToRGB share: rosinality's ModulatedConv2d
     "conv.weight": ("weight", "drop_batch"),
     "conv.modulation.weight": ("affine.weight", "same"),
     "conv.modulation.bias": ("affine.bias", "same"),
+}
+_ROS_STYLED_CONV = {
+    **_ROS_MODULATED_CONV,
     "noise.weight": ("noise_strength", "scalar"),
     "activate.bias": ("bias", "same"),
     "conv.blur.kernel": (None, "upsample_kernel"),
 }
 _ROS_TO_RGB = {
-    "conv.weight": ("weight", "drop_batch"),
-    "conv.modulation.weight": ("affine.weight", "same"),
-    "conv.modulation.bias": ("affine.bias", "same"),
+    **_ROS_MODULATED_CONV,
     "bias": ("bias", "rgb_bias"),
     "upsample.kernel": (None, "upsample_kernel"),
 }

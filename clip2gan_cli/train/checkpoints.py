@@ -35,10 +35,10 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
     """
     if resume:
         if not (run_dir / "checkpoints").is_dir():
-            raise UserInputError(f"--resume {run_dir}: no checkpoints/ folder there (not a training run)")
+            raise UserInputError(f"`resume` {run_dir}: no checkpoints/ folder there (not a training run)")
     elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UserInputError(f"run directory {run_dir} already exists; refusing to overwrite it",
-                             hint=f"use --resume {run_dir} to continue it, or another --out")
+                             hint=f"use `resume` {run_dir} to continue it, or another `run_dir`")
     ensure_writable_dir(run_dir)
 
 
@@ -124,14 +124,14 @@ def write_checkpoint_file(state: dict[str, Any], path: Path) -> None:
     except RuntimeError as error:  # torch reports a failed write (a full disk: "unexpected pos") this way
         free_mib = shutil.disk_usage(path.parent).free / 2**20
         raise OutputError(f"cannot write a checkpoint in {path.parent} ({free_mib:.1f} MiB free on that disk): "
-                          f"{first_line(error, 120)}", hint="free some space and resume with --resume") from error
+                          f"{first_line(error, 120)}", hint="free some space and resume with `resume`") from error
 
 
 def load_latest_checkpoint(run_dir: Path) -> dict[str, Any]:
     """The newest readable checkpoint of a run (an unreadable newest one falls back to the previous)."""
     candidates = checkpoint_paths(run_dir)
     if not candidates:
-        raise CheckpointError(f"--resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+        raise CheckpointError(f"`resume` {run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
     errors = []
     for step, path in reversed(candidates):
         try:

@@ -189,9 +189,9 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"config: {name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
         if not self.data:
-            raise UserInputError("config: data is empty", hint="give --data DIR or --data synthetic")
+            raise UserInputError("config: data is empty", hint="give `data` DIR or `data` synthetic")
         if self.data == "synthetic" and self.synthetic_ratio not in (0.0, 1.0):
-            raise UserInputError("config: synthetic_ratio mixes a folder with G samples; it needs --data DIR")
+            raise UserInputError("config: synthetic_ratio mixes a folder with G samples; it needs `data` DIR")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,7 +253,7 @@ def _toml_value(value: Any, key: str) -> str:
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse one `key=value` override; the value is read as TOML (falling back to a string)."""
     if "=" not in text:
-        raise UserInputError(f"--set {text!r}: expected key=value")
+        raise UserInputError(f"`overrides` {text!r}: expected key=value")
     key, raw = (part.strip() for part in text.split("=", 1))
     try:
         value = tomlio.loads(f"v = {raw}")["v"]
@@ -290,5 +290,5 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     """The config a run was started with (`<run>/config.toml`), for --resume."""
     path = Path(run_dir) / "config.toml"
     if not path.is_file():
-        raise UserInputError(f"--resume {run_dir}: no config.toml there (not a training run)")
+        raise UserInputError(f"`resume` {run_dir}: no config.toml there (not a training run)")
     return TrainConfig.from_dict(read_toml(path), source=str(path))

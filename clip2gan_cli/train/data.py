@@ -52,10 +52,10 @@ def scan_image_folder(root: str | os.PathLike) -> ScanReport:
 
     root = Path(root)
     if not root.is_dir():
-        raise UserInputError(f"--data {root}: not a directory", hint="give a folder of images or 'synthetic'")
+        raise UserInputError(f"`data` {root}: not a directory", hint="give a folder of images or 'synthetic'")
     candidates = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not candidates:
-        raise UserInputError(f"--data {root}: no .jpg/.png/.webp files found (searched recursively)")
+        raise UserInputError(f"`data` {root}: no .jpg/.png/.webp files found (searched recursively)")
     readable, skipped = [], []
     for path in candidates:
         try:
@@ -67,7 +67,7 @@ def scan_image_folder(root: str | os.PathLike) -> ScanReport:
         except Exception:  # PIL raises many types for corrupt files; any of them means "skip"
             skipped.append(path)
     if not readable:
-        raise UserInputError(f"--data {root}: none of the {len(skipped)} image files could be read "
+        raise UserInputError(f"`data` {root}: none of the {len(skipped)} image files could be read "
                              f"({len(skipped)} skipped)")
     return ScanReport(readable, skipped)
 

@@ -37,13 +37,13 @@ def build_models(config: TrainConfig, device: torch.device) -> TrainModels:
     want_identity = config.lambda_id > 0 and config.identity != "off"
     if config.pack:
         if config.generator or config.clip:
-            raise UserInputError("give either --pack or --generator with --clip, not both")
+            raise UserInputError("give either `pack` or `generator` with `clip`, not both")
         pack = load_pack(config.pack, device=device, backend=config.backend, need_mapper=False)
         discriminator = pack.load_discriminator() if config.lambda_adv > 0 else None
         identity = pack.load_identity() if want_identity else None
         return TrainModels(pack.generator, pack.clip, discriminator, identity, sources=pack_sources(pack))
     if not (config.generator and config.clip):
-        raise UserInputError("no models to train against", hint="give --pack NAME, or --generator SRC and --clip MODEL:TAG")
+        raise UserInputError("no models to train against", hint="give `pack` NAME, or `generator` SRC and `clip` MODEL:TAG")
     # The same --generator/--clip forms as generate/edit (packs.load_models), without a mapper.
     loaded = load_models(generator=config.generator, clip=config.clip, device=device, backend=config.backend,
                          need_mapper=False)
@@ -103,7 +103,7 @@ def export_local_pack(name: str, mapper_path: Path, sources: dict[str, str], con
 
     missing = [key for key in ("generator", "clip_model", "clip_pretrained") if not sources.get(key)]
     if missing:
-        raise UserInputError(f"--export-pack {name}: the run's models lack {', '.join(missing)} "
+        raise UserInputError(f"`export_pack` {name}: the run's models lack {', '.join(missing)} "
                              "(a pack needs a registry/ file generator and an open_clip MODEL:TAG CLIP)")
     entry = PackEntry(name=name, generator=sources["generator"], clip_model=sources["clip_model"],
                       clip_pretrained=sources["clip_pretrained"], clip_weights=sources.get("clip_weights"),

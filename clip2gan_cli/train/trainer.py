@@ -243,8 +243,8 @@ def resume_from_checkpoint(state: TrainState, config: TrainConfig, run_dir: Path
         log(f"Resuming {run_dir} from step {state.start_step} (to {config.steps}).")
         truncate_metrics(run_dir / "metrics.jsonl", state.start_step)
     if state.start_step >= config.steps:
-        raise UserInputError(f"{run_dir} is already at step {state.start_step}; --steps {config.steps} has "
-                             "nothing to do", hint="raise --steps to continue training")
+        raise UserInputError(f"{run_dir} is already at step {state.start_step}; `steps` {config.steps} has "
+                             "nothing to do", hint="raise `steps` to continue training")
 
 
 def wrap_for_training(state: TrainState, config: TrainConfig, device: torch.device,
