@@ -332,13 +332,13 @@ def edit_command(
                                contrast_sets=[spec.split(",") for spec in contrast] or None, progress=advance)
     settings, used = result.settings, [row[0] for row in result.neutrals]  # one image: each edit's neutral
     if settings.neutral == NEUTRAL_AUTO:
-        _report_inferred_neutrals(settings.edits, used)
-    label, neutral_used = _edit_label(settings.edits, used)
+        for line in pipeline.describe_inferred_neutrals(settings.edits, used):
+            err(line)
+    label, neutral_used = imageio.edit_label(settings.edits, used)
     metadata = output_metadata(models, source=image.name, edits=label, neutral=neutral_used,
-                               direction=settings.direction, layers=_rows_label(settings.layers))
+                               direction=settings.direction, layers=imageio.layers_label(settings.layers))
     _emit(imageio.write_edit_outputs(out, image.stem, source, result.reconstruction, result.edited,
                                      result.w_plus_edited, label, metadata=metadata), json_out)
-
 
 
 def _requested_edits(text: str | None, beta: str | None, edits: list[str]) -> list[tuple[str, float | None]]:
@@ -351,30 +351,6 @@ def _requested_edits(text: str | None, beta: str | None, edits: list[str]) -> li
     if not requested:
         raise UserInputError("no edit given", hint="give TEXT (with --beta) or --edit TEXT:BETA")
     return requested
-
-
-def _rows_label(layers) -> str:
-    """The W+ rows an edit moved, as metadata: "all" or "START:STOP"."""
-    return "all" if layers is None else ":".join("" if v is None else str(v) for v in layers)
-
-
-def _report_inferred_neutrals(requested, used) -> None:
-    """One stderr line per edit text: the neutral --neutral auto inferred for it."""
-    for (edit_text, _), inferred in zip(requested, used):
-        if inferred is None:
-            err(f"Neutral for '{edit_text}': none (no contrast word in the text)")
-        elif inferred.lower() == edit_text.lower():
-            err(f"Neutral for '{edit_text}': the text itself (the image already matches it: no change)")
-        else:
-            err(f"Neutral for '{edit_text}': '{inferred}' (inferred from the image)")
-
-
-def _edit_label(requested, used) -> tuple[str, str]:
-    """(file label, metadata neutral) of an edit: one shared neutral is named once, else each edit's own."""
-    if len(set(used)) == 1:
-        return "+".join(f"{t}:{b:g}" for t, b in requested) + (f"-vs-{used[0]}" if used[0] else ""), used[0] or ""
-    return ("+".join(f"{t}:{b:g}" + (f"-vs-{n}" if n else "") for (t, b), n in zip(requested, used)),
-            "; ".join(n or "" for n in used))
 
 
 @app.command("interpolate")

@@ -303,6 +303,19 @@ def contrast_candidates(text: str, contrast_sets: Sequence[Sequence[str]]) -> li
     return list(dict.fromkeys(candidates))
 
 
+def describe_inferred_neutrals(edits, neutrals_used) -> list[str]:
+    """One line per edit text: the neutral `neutral` auto inferred for it (what edit commands print)."""
+    lines = []
+    for (text, _), inferred in zip(edits, neutrals_used):
+        if inferred is None:
+            lines.append(f"Neutral for '{text}': none (no contrast word in the text)")
+        elif inferred.lower() == text.lower():
+            lines.append(f"Neutral for '{text}': the text itself (the image already matches it: no change)")
+        else:
+            lines.append(f"Neutral for '{text}': '{inferred}' (inferred from the image)")
+    return lines
+
+
 @torch.no_grad()
 def infer_neutrals(clip, mapper, text: str, image_features: torch.Tensor,
                    contrast_sets: Sequence[Sequence[str]]) -> list[str | None]:

@@ -9,15 +9,15 @@ from .images import (IMAGE_FORMATS, MAX_PIXELS, MIN_SIDE, PNG_CHANNELS, as_pil, 
                      load_image_tensor, make_grid, pil_to_tensor, read_image, read_png_metadata, save_image,
                      save_png, to_rgb, to_uint8)
 from .latents import LATENT_KEY, load_latent, save_latent
-from .outputs import (check_output_dir, slugify, write_edit_outputs, write_generate_outputs,
-                      write_interpolation_outputs)
+from .outputs import (check_output_dir, edit_label, layers_label, slugify, write_edit_outputs,
+                      write_generate_outputs, write_interpolation_outputs)
 from .prompts import read_prompt_args
 from .publish import publish_new_file, write_output
 from .video import mp4_encoder, require_mp4_encoder, save_gif, save_mp4
 
 __all__ = [
-    "IMAGE_FORMATS", "LATENT_KEY", "MAX_PIXELS", "MIN_SIDE", "PNG_CHANNELS", "align_face", "as_pil",
-    "center_crop_resize", "check_output_dir", "detect_face_landmarks", "load_image_tensor", "load_latent",
+    "IMAGE_FORMATS", "LATENT_KEY", "MAX_PIXELS", "layers_label", "MIN_SIDE", "PNG_CHANNELS", "align_face", "as_pil",
+    "center_crop_resize", "check_output_dir", "detect_face_landmarks", "edit_label", "load_image_tensor", "load_latent",
     "make_grid", "mp4_encoder", "pil_to_tensor", "publish_new_file", "read_image", "read_png_metadata",
     "read_prompt_args", "require_mp4_encoder", "save_gif", "save_image", "save_latent", "save_mp4", "save_png",
     "slugify", "to_rgb", "to_uint8", "write_edit_outputs", "write_generate_outputs", "write_interpolation_outputs",

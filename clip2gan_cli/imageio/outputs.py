@@ -131,6 +131,20 @@ def write_interpolation_outputs(out_dir: str | Path | None, name: str, frames: "
     return records
 
 
+def edit_label(edits, neutrals_used) -> tuple[str, str]:
+    """(file label, metadata neutral) of an edit: one shared neutral is named once, else each edit's own."""
+    if len(set(neutrals_used)) == 1:
+        shared = neutrals_used[0]
+        return "+".join(f"{t}:{b:g}" for t, b in edits) + (f"-vs-{shared}" if shared else ""), shared or ""
+    return ("+".join(f"{t}:{b:g}" + (f"-vs-{n}" if n else "") for (t, b), n in zip(edits, neutrals_used)),
+            "; ".join(n or "" for n in neutrals_used))
+
+
+def layers_label(layers) -> str:
+    """The W+ rows an edit moved, as metadata: "all" or "START:STOP"."""
+    return "all" if layers is None else ":".join("" if v is None else str(v) for v in layers)
+
+
 def _cat(tensors):
     import torch
 

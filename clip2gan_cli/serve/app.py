@@ -141,7 +141,7 @@ class ServeApp:
             "face_pack": self.models.is_face_pack, "mp4": imageio.mp4_encoder(),
             "priors": list(GENERATION_PRIORS), "prior": config.generation_prior,
             "directions": list(EDIT_DIRECTIONS), "beta_limit": BETA_LIMIT,
-            "edit_defaults": {**defaults, "layers": _layers_text(layers)},
+            "edit_defaults": {**defaults, "layers": imageio.layers_label(layers)},
             "contrast_sets": config.edit_contrast_sets or [],
             "command": shlex.join(["clip2gan", "serve", *self.spec.cli_args()]),
         }
@@ -243,7 +243,6 @@ class ServeApp:
     def edit(self, request: dict[str, Any]) -> dict[str, Any]:
         """`clip2gan edit IMAGE TEXT --beta B [--edit T:B] --neutral N --direction D --layers L`."""
         from .. import imageio, pipeline
-        from ..cli import _edit_label  # the CLI's file label and metadata neutral (one implementation)
         from ..mapper import EDIT_DIRECTIONS, NEUTRAL_AUTO
         from ..packs import output_metadata
 
@@ -283,8 +282,8 @@ class ServeApp:
             if source.w_plus is None:
                 source.w_plus = result.w_plus
             used = [row[0] for row in result.neutrals]
-            label, neutral_used = _edit_label(requested, used)
-            rows = _layers_text(layers)
+            label, neutral_used = imageio.edit_label(requested, used)
+            rows = imageio.layers_label(layers)
             records = imageio.write_edit_outputs(
                 self._new_folder(), Path(source.name).stem, source.tensor, result.reconstruction, result.edited,
                 result.w_plus_edited, label,
@@ -298,7 +297,7 @@ class ServeApp:
         command += ["--neutral", neutral_mode if neutral_mode != "text" else neutral, "--direction", direction,
                     "--layers", rows]
         return {"edited": urls["edited"], "reconstruction": urls["reconstruction"], "sheet": urls["sheet"],
-                "latent": urls["latent"], "neutrals": _neutral_lines(requested, used, neutral == NEUTRAL_AUTO),
+                "latent": urls["latent"], "neutrals": pipeline.describe_inferred_neutrals(requested, used) if neutral == NEUTRAL_AUTO else [],
                 "warnings": _warning_lines(caught), "command": shlex.join(command + self.spec.cli_args())}
 
     # --- interpolate ---
@@ -360,10 +359,6 @@ class ServeApp:
         return {**out, "warnings": _warning_lines(caught), "command": shlex.join(command + self.spec.cli_args())}
 
 
-def _layers_text(layers) -> str:
-    return "all" if layers is None else ":".join("" if v is None else str(v) for v in layers)
-
-
 def _integer(value: Any, what: str, low: int, high: int) -> int:
     try:
         number = float(value)
@@ -388,21 +383,6 @@ def _number(value: Any, what: str, low: float, high: float) -> float:
 
 def _warning_lines(caught) -> list[str]:
     return list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
-
-
-def _neutral_lines(requested, used, auto: bool) -> list[str]:
-    """What --neutral auto inferred for each edit text (the lines `clip2gan edit` prints)."""
-    if not auto:
-        return []
-    lines = []
-    for (text, _), inferred in zip(requested, used):
-        if inferred is None:
-            lines.append(f"Neutral for '{text}': none (no contrast word in the text)")
-        elif inferred.lower() == text.lower():
-            lines.append(f"Neutral for '{text}': the text itself (the image already matches it: no change)")
-        else:
-            lines.append(f"Neutral for '{text}': '{inferred}' (inferred from the image)")
-    return lines
 
 
 def error_message(error: BaseException) -> str:
