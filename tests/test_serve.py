@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cli_helpers import assert_one_line_error
-from serve_fixtures import get, post
+from serve_fixtures import get, post, running_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -269,3 +270,25 @@ def test_help_does_not_import_the_server():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_a_face_pack_upload_without_a_detectable_face_gets_one_line(tiny_pack, tmp_path, monkeypatch):
+    from facenet_pytorch import InceptionResnetV1
+
+    from clip2gan_cli.packs import load_pack
+    from clip2gan_cli.serve.app import ModelSpec, ServeApp
+    from tiny_models import register_tiny_pack
+
+    monkeypatch.setenv("CLIP2GAN_HOME", str(tmp_path / "home"))
+    torch.save(InceptionResnetV1(pretrained=None, classify=False).state_dict(), tmp_path / "id.pt")
+    register_tiny_pack(tiny_pack, "tinyface", identity=str(tmp_path / "id.pt"))
+    app = ServeApp(models=load_pack("tinyface", device="cpu"), spec=ModelSpec(pack="tinyface"),
+                   workdir=tmp_path / "work")
+    flat = io.BytesIO()
+    Image.new("RGB", (64, 64), (20, 120, 220)).save(flat, format="PNG")
+    with running_server(app) as base:
+        status, answer = post(base, "/api/upload?name=flat.png", raw=flat.getvalue())
+        assert status == 400 and "no face found in flat.png" in answer["error"], answer
+        assert "clearly visible face" in answer["error"] and "align" not in answer["error"]
+        assert "\n" not in answer["error"] and str(tmp_path) not in answer["error"]
+        assert post(base, "/api/generate", {"prompts": "a red circle", "n": 1})[0] == 200  # still serving

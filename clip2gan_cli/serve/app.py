@@ -224,7 +224,10 @@ class ServeApp:
                 tensor = imageio.load_image_tensor(path, self.models.generator.img_resolution,
                                                    align=self.models.is_face_pack)
         except Clip2ganError as error:  # the message names the upload, not the server's temp file
-            raise UserInputError(error.one_line().replace(str(path), name)) from None
+            message = error.one_line().replace(str(path), name)
+            # the page always aligns a face pack's uploads: it offers no `align=False`
+            message = message.replace("use `align=False`", "upload a photo with one clearly visible face")
+            raise UserInputError(message) from None
         image_id = secrets.token_hex(8)
         with self._lock:
             source = SourceImage(name=name, tensor=tensor, url=self._publish(path))
