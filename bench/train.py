@@ -123,7 +123,7 @@ def full_size_bench(args) -> None:
     print(f"device {args.device}, config-f G+D {args.resolution}px, ViT-B-16 CLIP, random weights, default losses, "
           f"{args.steps} step(s) per run, each run a fresh process; memory = {memory_kind}", flush=True)
     results = {}
-    for mode in modes:
+    for mode in reversed(modes):  # "on" first: the run that must fit
         for batch in (1, 2):
             command = [sys.executable, __file__, "--one-run", "--resolution", str(args.resolution),
                        "--batch-size", str(batch), "--checkpointing", mode, "--steps", str(args.steps),

@@ -250,7 +250,9 @@ class _BlockPrecision:
         if block.use_fp16 and self.reduced is not None:
             layout = torch.channels_last if self.channels_last else torch.contiguous_format
             return {"dtype": self.reduced, "memory_format": layout}
-        return {"dtype": self.full, "memory_format": torch.contiguous_format}
+        # Full precision: NVIDIA makes the maps NCHW; keeping the backend's own layout (the fused ops keep
+        # large maps channels_last from layer to layer) gives the same values without a copy per block.
+        return {"dtype": self.full, "memory_format": torch.preserve_format}
 
 
 def _run_block(block: nn.Module, checkpointed: bool, *args, **kwargs):
@@ -493,7 +495,7 @@ class SynthesisBlock(_OpsUser):
         return ["conv1"] if self.in_channels == 0 else ["conv0", "conv1"]
 
     def forward(self, x, img, ws, noise_mode="const", noise=None, fused_modconv=None, dtype=None,
-                memory_format=torch.contiguous_format):
+                memory_format=torch.preserve_format):
         """ws: [N, num_conv + 1, w_dim] (conv rows, then the ToRGB row); noise: {layer name: raw noise}.
 
         dtype / memory_format: this block's activations (dtype None: ws.dtype); ws, styles and the
@@ -705,7 +707,7 @@ class DiscriminatorBlock(_OpsUser):
         self.skip = Conv2dLayer(tmp_channels, out_channels, kernel_size=1, bias=False, down=2,
                                 resample_filter=resample_filter)
 
-    def forward(self, x, img, dtype=None, memory_format=torch.contiguous_format):
+    def forward(self, x, img, dtype=None, memory_format=torch.preserve_format):
         """dtype / memory_format: this block's activations (dtype None: the image's)."""
         dtype = img.dtype if dtype is None else dtype
         if self.in_channels == 0:
