@@ -255,14 +255,39 @@ class _BlockPrecision:
         return {"dtype": self.full, "memory_format": torch.preserve_format}
 
 
-def _run_block(block: nn.Module, checkpointed: bool, *args, **kwargs):
-    """Call a block, or recompute it in backward (activation checkpointing) when asked and grads are on.
+def _slice_batch(value, start: int, stop: int, batch: int):
+    """value[start:stop] along the batch for per-sample tensors (and dicts of them); shared ones as they are."""
+    if isinstance(value, dict):
+        return {key: _slice_batch(item, start, stop, batch) for key, item in value.items()}
+    if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[0] == batch and batch > 1:
+        return value[start:stop]
+    return value
 
-    torch.utils.checkpoint restores the RNG state before recomputing, so random noise is redrawn identically.
+
+def _run_block(block: nn.Module, checkpointed: bool, chunk: int | None, x, img, *args, **kwargs):
+    """Call a block, or (checkpointed, grads on) recompute it in backward instead of keeping its activations.
+
+    With `chunk`, the block runs (and is recomputed) on at most `chunk` samples at a time, so the
+    recompute's peak no longer grows with the batch; blocks are per-sample, so the values are the same.
+    torch.utils.checkpoint restores the RNG state before recomputing (random draws repeat exactly).
     """
-    if checkpointed and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
-    return block(*args, **kwargs)
+    if not (checkpointed and torch.is_grad_enabled()):
+        return block(x, img, *args, **kwargs)
+    batch = (x if x is not None else img if img is not None else args[0]).shape[0]
+    step = batch if not chunk or chunk >= batch else chunk
+    outputs = []
+    for start in range(0, batch, step):
+        def part(value, start=start):
+            return _slice_batch(value, start, start + step, batch)
+
+        outputs.append(torch.utils.checkpoint.checkpoint(
+            block, part(x), part(img), *[part(arg) for arg in args], use_reentrant=False,
+            **{key: part(value) for key, value in kwargs.items()}))
+    if len(outputs) == 1:
+        return outputs[0]
+    if isinstance(outputs[0], tuple):
+        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs))
+    return torch.cat(outputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,6 +519,12 @@ class SynthesisBlock(_OpsUser):
     def layer_names(self) -> list[str]:
         return ["conv1"] if self.in_channels == 0 else ["conv0", "conv1"]
 
+    def random_noise(self, batch: int, device, dtype) -> dict:
+        """The raw N(0,1) maps the layers draw themselves under noise_mode 'random', drawn the same way
+        in the same order (so the whole batch can be drawn before the block runs in chunks)."""
+        return {name: torch.randn([batch, 1, self.resolution, self.resolution], device=device, dtype=dtype)
+                for name in self.layer_names() if getattr(self, name).use_noise}
+
     def forward(self, x, img, ws, noise_mode="const", noise=None, fused_modconv=None, dtype=None,
                 memory_format=torch.preserve_format):
         """ws: [N, num_conv + 1, w_dim] (conv rows, then the ToRGB row); noise: {layer name: raw noise}.
@@ -544,13 +575,16 @@ class SynthesisNetwork(nn.Module):
 
     `precision` ("auto", "fp32", "fp16", "bf16"; see device.resolve_precision) decides the dtype of
     the blocks marked by the config's num_fp16_res; every other block, the styles and the image run in
-    float32. `fp16_channels_last` is NVIDIA's flag of that name (None: channels_last on CUDA only). `checkpoint_blocks = True` recomputes each block in backward instead of keeping its
-    activations (same outputs and gradients, much less memory, one more forward's time).
+    float32. `fp16_channels_last` is NVIDIA's flag of that name (None: channels_last on CUDA only).
+    `checkpoint_blocks = True` recomputes each block in backward instead of keeping its activations,
+    `checkpoint_chunk` samples at a time (same outputs and gradients, a fraction of the memory, about
+    one more forward's time).
     """
 
     precision: str = "auto"
     fp16_channels_last: bool | None = None  # reduced-precision maps channels_last (None: device.py decides)
     checkpoint_blocks: bool = False
+    checkpoint_chunk: int | None = 1  # samples per checkpointed (re)computation (None: the whole batch)
 
     def __init__(self, config: GeneratorConfig):
         super().__init__()
@@ -616,13 +650,23 @@ class SynthesisNetwork(nn.Module):
         ws = ws.to(self.b4.const.dtype)
         layout = _BlockPrecision(self, ws.device, ws.dtype, force_fp32)
         noise_by_block = self._noise_per_block(noise) if noise is not None else {}
+        chunked = bool(self.checkpoint_blocks and self.checkpoint_chunk and torch.is_grad_enabled()
+                       and ws.shape[0] > self.checkpoint_chunk)
         x = img = None
         w_idx = 0
         for res in self.block_resolutions:
             block = getattr(self, f"b{res}")
             block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)  # conv0 reuses the previous ToRGB row
-            x, img = _run_block(block, self.checkpoint_blocks, x, img, block_ws, noise_mode=noise_mode,
-                                noise=noise_by_block.get(res), fused_modconv=fused_modconv, **layout.of(block))
+            block_noise, block_layout = noise_by_block.get(res), layout.of(block)
+            block_fused = fused_modconv
+            if chunked:  # decide for the whole batch what the block would do unchunked: the same values
+                if block_fused is None:
+                    block_fused = (not self.training) and (block_layout["dtype"] == torch.float32 or ws.shape[0] == 1)
+                if noise_mode == "random":
+                    block_noise = {**block.random_noise(ws.shape[0], ws.device, block_layout["dtype"]),
+                                   **(block_noise or {})}
+            x, img = _run_block(block, self.checkpoint_blocks, self.checkpoint_chunk, x, img, block_ws,
+                                noise_mode=noise_mode, noise=block_noise, fused_modconv=block_fused, **block_layout)
             w_idx += block.num_conv
         return img
 
@@ -780,13 +824,15 @@ class DiscriminatorEpilogue(nn.Module):
 class Discriminator(_SwitchableBackend):
     """StyleGAN2 `resnet` discriminator: images [N, C, R, R] -> logits [N, 1], NVIDIA state-dict keys.
 
-    `precision`, `fp16_channels_last` and `checkpoint_blocks` work as on SynthesisNetwork (the
-    epilogue is always float32).
+    `precision`, `fp16_channels_last`, `checkpoint_blocks` and `checkpoint_chunk` work as on
+    SynthesisNetwork (the epilogue, which mixes samples through minibatch std, is always float32 and
+    never checkpointed).
     """
 
     precision: str = "auto"
     fp16_channels_last: bool | None = None  # reduced-precision maps channels_last (None: device.py decides)
     checkpoint_blocks: bool = False
+    checkpoint_chunk: int | None = 1  # samples per checkpointed (re)computation (None: the whole batch)
 
     def __init__(self,
                  config: DiscriminatorConfig,  # architecture
@@ -823,7 +869,7 @@ class Discriminator(_SwitchableBackend):
         x = None
         for res in self.block_resolutions:
             block = getattr(self, f"b{res}")  # only the first block reads the image (fromrgb)
-            x = _run_block(block, self.checkpoint_blocks, x, img, **layout.of(block))
+            x = _run_block(block, self.checkpoint_blocks, self.checkpoint_chunk, x, img, **layout.of(block))
         return self.b4(x)
 
     def extra_repr(self):
