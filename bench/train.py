@@ -12,6 +12,10 @@ process, with and without activation checkpointing of the synthesis and discrimi
 peak memory (RSS on the CPU, torch.cuda.max_memory_allocated on CUDA) per batch size and their
 difference: the memory each additional sample costs.
 
+`--mode cost`: the time checkpointing adds to the networks' part of a mapper step, side by side in
+one process (alternating off/on, so machine load hits both alike): config-f synthesis of 2*batch
+images (L_div doubles the batch) and D on batch images, forward and backward to the latents.
+
 `--compare-noise` trains the mapper once with each L_div feature perturbation (multiplicative
 N(1, 0.36) per dimension then re-normalised, vs additive) and reports, for the fixed sample
 prompts, what `generate` would give: the training L_rec (last logged average), the diversity of
@@ -150,9 +154,44 @@ def full_size_bench(args) -> None:
         print(f"memory per additional sample: {per_sample['off']:.2f} GiB off -> {per_sample['on']:.2f} GiB on")
 
 
+def checkpointing_cost(args) -> None:
+    """Median seconds of synthesis + D forward/backward with checkpointing off and on, alternating."""
+    import statistics
+
+    import torch
+
+    from clip2gan_cli.stylegan2.networks import build_discriminator, build_generator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    channel_base = 16384 if args.resolution <= 256 else 32768
+    G = build_generator(args.resolution, channel_base=channel_base, seed=0).eval().requires_grad_(False)
+    D = build_discriminator(args.resolution, channel_base=channel_base, seed=1).train().requires_grad_(False)
+    ws = torch.randn([2 * args.batch_size, G.num_ws, G.w_dim], generator=torch.Generator().manual_seed(0))
+
+    def step(checkpointing: bool) -> float:
+        G.synthesis.checkpoint_blocks = D.checkpoint_blocks = checkpointing
+        w = ws.clone().requires_grad_(True)
+        started = time.perf_counter()
+        images = G.synthesis(w, noise_mode="const")
+        loss = images.square().mean() - D(images[: args.batch_size]).mean()
+        loss.backward()
+        return time.perf_counter() - started
+
+    step(False), step(True)  # warm-up
+    times = {False: [], True: []}
+    for _ in range(args.steps):
+        for checkpointing in (False, True):
+            times[checkpointing].append(step(checkpointing))
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    print(f"config-f {args.resolution}px, G batch {2 * args.batch_size}, D batch {args.batch_size}, "
+          f"{args.steps} alternating reps: off {off:.2f} s, on {on:.2f} s, checkpointing costs {100 * (on / off - 1):+.0f} %")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 10; 1 in memory mode)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per run (default 10; 1 in memory mode; alternating reps in cost mode)")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
@@ -160,7 +199,7 @@ def main() -> None:
     parser.add_argument("--compare-noise", action="store_true", help="compare the two L_div perturbations")
     parser.add_argument("--pack", default=None, help="pack for --compare-noise (default: random small models)")
     parser.add_argument("--samples", type=int, default=8, help="images per prompt for --compare-noise")
-    parser.add_argument("--mode", choices=("losses", "memory"), default=None,
+    parser.add_argument("--mode", choices=("losses", "memory", "cost"), default=None,
                         help="losses: small models, one row per loss; memory: full size, batch 1 vs 2 "
                              "(default: memory at --resolution >= 512)")
     parser.add_argument("--checkpointing", choices=("on", "off", "both"), default="both",
@@ -172,6 +211,9 @@ def main() -> None:
         args.steps = 1 if memory_mode or args.one_run else 10
     if args.one_run:
         one_full_size_run(args)
+        return
+    if args.mode == "cost":
+        checkpointing_cost(args)
         return
     if memory_mode:
         full_size_bench(args)

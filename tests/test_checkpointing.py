@@ -106,7 +106,9 @@ def test_no_checkpointing_without_gradients_and_chunks_of_the_batch(chunk, calls
             G.synthesis(ws)
         assert calls == []
         G.synthesis(ws.requires_grad_(True))
-        assert len(calls) == calls_per_block * len(G.synthesis.block_resolutions)
+        heavy = [res for res in G.synthesis.block_resolutions if getattr(G.synthesis, f"b{res}").activation_heavy]
+        assert heavy == [16]  # b4 and b8 hold more weights than activations: kept, not recomputed
+        assert len(calls) == calls_per_block * len(heavy)
     finally:
         torch.utils.checkpoint.checkpoint = original
 
@@ -147,3 +149,12 @@ def test_checkpointing_works_with_float16_blocks():
         G.synthesis(w).square().sum().backward()
         grads.append(w.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_only_blocks_whose_maps_outweigh_their_weights_are_checkpointed_at_full_size():
+    """config-f 1024: the 128-1024 px blocks hold ~all the activation memory; 4-64 px are weight-bound."""
+    G = build_generator(1024, seed=0)
+    D = build_discriminator(1024, seed=0)
+    assert [res for res in G.synthesis.block_resolutions if getattr(G.synthesis, f"b{res}").activation_heavy] \
+        == [128, 256, 512, 1024]
+    assert [res for res in D.block_resolutions if getattr(D, f"b{res}").activation_heavy] == [1024, 512, 256, 128]

@@ -515,6 +515,8 @@ class SynthesisBlock(_OpsUser):
         self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp)
         self.num_conv = 1 if in_channels == 0 else 2
         self.num_torgb = 1
+        # Checkpointing pays where a sample's maps outweigh the weights (1024 config-f: blocks >= 128 px).
+        self.activation_heavy = out_channels * resolution ** 2 > self.conv1.weight.numel()
 
     def layer_names(self) -> list[str]:
         return ["conv1"] if self.in_channels == 0 else ["conv0", "conv1"]
@@ -576,9 +578,9 @@ class SynthesisNetwork(nn.Module):
     `precision` ("auto", "fp32", "fp16", "bf16"; see device.resolve_precision) decides the dtype of
     the blocks marked by the config's num_fp16_res; every other block, the styles and the image run in
     float32. `fp16_channels_last` is NVIDIA's flag of that name (None: channels_last on CUDA only).
-    `checkpoint_blocks = True` recomputes each block in backward instead of keeping its activations,
-    `checkpoint_chunk` samples at a time (same outputs and gradients, a fraction of the memory, about
-    one more forward's time).
+    `checkpoint_blocks = True` recomputes each block whose maps outweigh its weights (`activation_heavy`)
+    in backward instead of keeping its activations, `checkpoint_chunk` samples at a time (same outputs
+    and gradients, a fraction of the memory, about one more forward of those blocks).
     """
 
     precision: str = "auto"
@@ -650,8 +652,8 @@ class SynthesisNetwork(nn.Module):
         ws = ws.to(self.b4.const.dtype)
         layout = _BlockPrecision(self, ws.device, ws.dtype, force_fp32)
         noise_by_block = self._noise_per_block(noise) if noise is not None else {}
-        chunked = bool(self.checkpoint_blocks and self.checkpoint_chunk and torch.is_grad_enabled()
-                       and ws.shape[0] > self.checkpoint_chunk)
+        chunking = bool(self.checkpoint_blocks and self.checkpoint_chunk and torch.is_grad_enabled()
+                        and ws.shape[0] > self.checkpoint_chunk)
         x = img = None
         w_idx = 0
         for res in self.block_resolutions:
@@ -659,14 +661,15 @@ class SynthesisNetwork(nn.Module):
             block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)  # conv0 reuses the previous ToRGB row
             block_noise, block_layout = noise_by_block.get(res), layout.of(block)
             block_fused = fused_modconv
-            if chunked:  # decide for the whole batch what the block would do unchunked: the same values
+            if chunking and block.activation_heavy:  # decide for the whole batch what it would do unchunked
                 if block_fused is None:
                     block_fused = (not self.training) and (block_layout["dtype"] == torch.float32 or ws.shape[0] == 1)
                 if noise_mode == "random":
                     block_noise = {**block.random_noise(ws.shape[0], ws.device, block_layout["dtype"]),
                                    **(block_noise or {})}
-            x, img = _run_block(block, self.checkpoint_blocks, self.checkpoint_chunk, x, img, block_ws,
-                                noise_mode=noise_mode, noise=block_noise, fused_modconv=block_fused, **block_layout)
+            x, img = _run_block(block, self.checkpoint_blocks and block.activation_heavy, self.checkpoint_chunk,
+                                x, img, block_ws, noise_mode=noise_mode, noise=block_noise, fused_modconv=block_fused,
+                                **block_layout)
             w_idx += block.num_conv
         return img
 
@@ -750,6 +753,7 @@ class DiscriminatorBlock(_OpsUser):
                                  resample_filter=resample_filter, conv_clamp=conv_clamp)
         self.skip = Conv2dLayer(tmp_channels, out_channels, kernel_size=1, bias=False, down=2,
                                 resample_filter=resample_filter)
+        self.activation_heavy = tmp_channels * resolution ** 2 > self.conv0.weight.numel()  # worth checkpointing
 
     def forward(self, x, img, dtype=None, memory_format=torch.preserve_format):
         """dtype / memory_format: this block's activations (dtype None: the image's)."""
@@ -869,7 +873,8 @@ class Discriminator(_SwitchableBackend):
         x = None
         for res in self.block_resolutions:
             block = getattr(self, f"b{res}")  # only the first block reads the image (fromrgb)
-            x = _run_block(block, self.checkpoint_blocks, self.checkpoint_chunk, x, img, **layout.of(block))
+            x = _run_block(block, self.checkpoint_blocks and block.activation_heavy, self.checkpoint_chunk, x, img,
+                           **layout.of(block))
         return self.b4(x)
 
     def extra_repr(self):
