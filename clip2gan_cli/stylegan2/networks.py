@@ -235,7 +235,8 @@ class _BlockPrecision:
     """Per forward call: the dtype and memory format of each block (NVIDIA's use_fp16 / fp16_channels_last).
 
     A block marked by num_fp16_res runs in the reduced dtype when the precision gives one (NCHW or
-    channels_last), every other block in the full dtype (NCHW). force_fp32 is NVIDIA's flag.
+    channels_last), every other block in the full dtype (in the backend's own layout). force_fp32 is
+    NVIDIA's flag.
     """
 
     def __init__(self, network: nn.Module, device: torch.device, full: torch.dtype, force_fp32: bool):
