@@ -10,8 +10,9 @@ reference image; every backend (the ops package's list, plus 'auto') x precision
 `set_precision`, so the marked blocks run reduced and the rest float32) reports images/s (timed
 after one warm-up call), peak memory (CUDA: max_memory_allocated) and max|img - reference|.
 A row whose deviation exceeds its precision's bound, or that is not finite, is a MISMATCH: the
-table is printed, then the exit status is 1 (as for a failed training run; out of memory is shown, not failed). The bounds catch broken kernels (errors of order 1),
-not float rounding: fp32 1e-4, fp16 2e-2, bf16 1e-1, each times max(1, max|reference|).
+table is printed, then the exit status is 1 (as for a failed training run; out of memory is shown,
+not failed). The bounds catch broken kernels (errors of order 1), not float rounding: fp32 1e-4,
+fp16 2e-2, bf16 1e-1, each times max(1, max|reference|).
 
 Training step: bench/train.py's full-size run (config-f G+D, ViT-B-16 CLIP, default losses) at
 batch 1 and 2, each in a fresh process, with and without block checkpointing: s/step and the

@@ -185,7 +185,8 @@ def checkpointing_cost(args) -> None:
             times[checkpointing].append(step(checkpointing))
     off, on = statistics.median(times[False]), statistics.median(times[True])
     print(f"config-f {args.resolution}px, G batch {2 * args.batch_size}, D batch {args.batch_size}, "
-          f"{args.steps} alternating reps: off {off:.2f} s, on {on:.2f} s, checkpointing costs {100 * (on / off - 1):+.0f} %")
+          f"{args.steps} alternating reps: off {off:.2f} s, on {on:.2f} s, "
+          f"checkpointing costs {100 * (on / off - 1):+.0f} %")
 
 
 def main() -> None:
