@@ -1,61 +1,81 @@
 #!/usr/bin/env bash
-# GPU check for the StyleGAN2 ops backends, in under 5 minutes on one CUDA device:
-#   1. the CUDA-marked tests (pytest -m cuda), fused vs reference on the GPU;
-#   2. bench/generator.py on CUDA: reference vs fused at 256 and 1024, batch 1 and 8,
-#      in float32 (TF32 off), float16, and bfloat16 where the GPU supports it;
-#   3. one summary at the end.
-# Usage: bench/gpu_check.sh            (from anywhere; uses .venv/bin/python when present)
-# Exit status: 0 all steps passed, 1 a step failed, 2 no CUDA device (nothing was run).
+# One command for any CUDA machine, from a fresh clone (about 6 minutes on one H100):
+#   1. environment: the active Python when it already holds torch (GPU machines often bring their own
+#      and no package index); the project's other dependencies are installed from a wheel folder
+#      (pip install --no-index --find-links DIR, filled on a connected machine by bench/prepare_wheels.sh)
+#      into a venv that sees that torch (--system-site-packages), only when something is missing;
+#   2. the CUDA tests (pytest -m cuda);
+#   3. ONE table (bench/gpu_table.py): synthesis images/s at 256 and 1024 px, batch 1/8/32, every
+#      backend x fp32/fp16/bf16 with peak memory and max deviation from the float32 reference, the
+#      `auto` choices, and a 1024 px training step (s/step, GB per sample) with and without checkpointing.
+# Usage: bench/gpu_check.sh [--wheels DIR] [--smoke]
+#   --wheels DIR  the wheel folder (default: $CLIP2GAN_WHEELS, else ./wheels)
+#   --smoke       the table at tiny sizes on the CPU, no CUDA needed (checks this script itself)
+#   PYTHON=...    the interpreter to start from (default: python3)
+# Exit status: 0 everything passed; 1 a test failed, a row mismatched or a step failed; 2 no CUDA
+# device (nothing was checked); 3 the environment could not be set up.
 set -u
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-.venv/bin/python}"
-[ -x "$PYTHON" ] || PYTHON=python3
+WHEELS="${CLIP2GAN_WHEELS:-wheels}"
+SMOKE=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --wheels) WHEELS="$2"; shift 2 ;;
+        --smoke) SMOKE=1; shift ;;
+        *) echo "gpu_check: unknown argument '$1' (expected --wheels DIR or --smoke)" >&2; exit 3 ;;
+    esac
+done
+PYTHON="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+# --- 1. environment -------------------------------------------------------------------------------
+has_torch() { "$1" -c "import torch" 2>/dev/null; }
+has_deps() { "$1" -c "import torch, safetensors, open_clip, lpips, typer, numpy, PIL, pytest" 2>/dev/null; }
+
+if ! has_torch "$PYTHON"; then
+    if [ -x .venv-gpu/bin/python ] && has_torch .venv-gpu/bin/python; then
+        PYTHON=.venv-gpu/bin/python
+    elif [ -d "$WHEELS" ]; then
+        echo "gpu_check: $PYTHON has no torch: installing everything from $WHEELS into .venv-gpu"
+        "$PYTHON" -m venv .venv-gpu && .venv-gpu/bin/python -m pip install -q --no-index --find-links "$WHEELS" \
+            -e ".[test]" || { echo "gpu_check: installing from $WHEELS failed" >&2; exit 3; }
+        PYTHON=.venv-gpu/bin/python
+    else
+        echo "gpu_check: $PYTHON has no torch and there is no wheel folder '$WHEELS'" \
+             "(fill one with bench/prepare_wheels.sh on a connected machine, then pass --wheels DIR)" >&2
+        exit 3
+    fi
+fi
+if ! has_deps "$PYTHON"; then
+    if [ ! -d "$WHEELS" ]; then
+        echo "gpu_check: dependencies missing beside torch and no wheel folder '$WHEELS'" \
+             "(bench/prepare_wheels.sh fills one; or pip install -e '.[test]' where an index is reachable)" >&2
+        exit 3
+    fi
+    if [ ! -x .venv-gpu/bin/python ]; then  # sees the machine's torch; installs only what is missing
+        "$PYTHON" -m venv --system-site-packages .venv-gpu || { echo "gpu_check: cannot create .venv-gpu" >&2; exit 3; }
+    fi
+    echo "gpu_check: installing the missing dependencies from $WHEELS (the existing torch is kept)"
+    .venv-gpu/bin/python -m pip install -q --no-index --find-links "$WHEELS" -e ".[test]" \
+        || { echo "gpu_check: installing from $WHEELS failed" >&2; exit 3; }
+    PYTHON=.venv-gpu/bin/python
+fi
+has_deps "$PYTHON" || { echo "gpu_check: $PYTHON still lacks a dependency" >&2; exit 3; }
+
+if [ "$SMOKE" = "1" ]; then
+    exec "$PYTHON" bench/gpu_table.py --smoke
+fi
+if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: no CUDA device visible to PyTorch (torch.cuda.is_available() is False): nothing to check." >&2
     exit 2
 fi
 
-LOG_DIR="$(mktemp -d)"
-trap 'rm -rf "$LOG_DIR"' EXIT
+# --- 2. CUDA tests, 3. the table --------------------------------------------------------------------
+"$PYTHON" -c "import torch; print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
 STATUS=0
-declare -a SUMMARY
-
-step() {  # step NAME TIMEOUT_S COMMAND...: run, keep the log, remember the outcome
-    local name="$1" limit="$2"; shift 2
-    local started=$SECONDS
-    echo "=== $name"
-    timeout "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log"
-    local rc=${PIPESTATUS[0]}
-    local outcome="ok"
-    [ "$rc" -eq 124 ] && outcome="TIMED OUT after ${limit}s"
-    [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && outcome="FAILED (exit $rc)"
-    [ "$rc" -ne 0 ] && STATUS=1
-    SUMMARY+=("$(printf '%-16s %-28s %4ds' "$name" "$outcome" $((SECONDS - started)))")
-}
-
-DEVICE_NAME="$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)")"
-BF16="$("$PYTHON" -c "import torch; print(int(torch.cuda.is_bf16_supported()))")"
-
-step cuda-tests 90 "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider tests/
-step bench-fp32 120 "$PYTHON" bench/generator.py --device cuda --dtype float32 --reps 10
-step bench-fp16 45 "$PYTHON" bench/generator.py --device cuda --dtype float16 --reps 10 --no-memory
-if [ "$BF16" = "1" ]; then
-    step bench-bf16 45 "$PYTHON" bench/generator.py --device cuda --dtype bfloat16 --reps 10 --no-memory
-else
-    SUMMARY+=("bench-bf16       skipped: no bfloat16 on this GPU")
-fi
-
-echo
-echo "================ gpu_check summary ================"
-echo "device: $DEVICE_NAME"
-for line in "${SUMMARY[@]}"; do echo "$line"; done
-echo "--- CUDA tests"
-tail -n 1 "$LOG_DIR/cuda-tests.log"
-for name in bench-fp32 bench-fp16 bench-bf16; do
-    [ -f "$LOG_DIR/$name.log" ] || continue
-    echo "--- $name (ms per image, img/s, peak MB; ratio = reference / fused)"
-    grep -E '^ +[0-9]+ +[0-9]+ \|' "$LOG_DIR/$name.log" || echo "(no result rows)"
-done
-echo "overall: $([ $STATUS -eq 0 ] && echo PASS || echo FAIL)"
+echo "=== CUDA tests"
+timeout 90 "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider tests/ || STATUS=1
+echo "=== table"
+timeout 270 "$PYTHON" bench/gpu_table.py --device cuda || STATUS=1
+echo "gpu_check: $([ $STATUS -eq 0 ] && echo PASS || echo FAIL)"
 exit $STATUS

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # torch is imported lazily so the CLI starts fast
 
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISION_CHOICES = ("auto",) + PRECISIONS
 
 
 def resolve_device(spec: str | None = "auto") -> "torch.device":
@@ -83,6 +84,43 @@ def resolve_dtype(precision: str | None, device: "torch.device") -> "torch.dtype
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError("--precision bf16 is not supported by this GPU", hint="use fp16 or fp32")
     return torch.bfloat16
+
+
+def resolve_precision(precision: str | None, device: "torch.device") -> str:
+    """What a StyleGAN2 network's `precision` means on `device`: 'fp32', 'fp16' or 'bf16'.
+
+    The one place that decides what 'auto' is: the checkpoint's mixed precision (its num_fp16_res
+    blocks in float16) on CUDA, where tensor cores make it pay; float32 on CPU and MPS, where float16
+    kernels are slow or inexact. An explicit 'fp16' or 'bf16' is honoured on any device (on the CPU:
+    slow, for tests and parity), except bf16 on a GPU without it.
+    """
+    import torch
+
+    name = str(precision or "auto").strip().lower()
+    if name not in PRECISION_CHOICES:
+        raise DeviceError(f"unknown precision '{precision}'", hint=f"expected one of {', '.join(PRECISION_CHOICES)}")
+    device = torch.device(device)
+    if name == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError("precision bf16 is not supported by this GPU", hint="use fp16 or fp32")
+    return name
+
+
+def reduced_dtype(precision: str | None, device: "torch.device") -> "torch.dtype | None":
+    """The dtype of the blocks a network marks for reduced precision, or None when everything runs float32."""
+    import torch
+
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[resolve_precision(precision, device)]
+
+
+def reduced_precision_channels_last(device: "torch.device") -> bool:
+    """Whether reduced-precision blocks keep their maps channels_last by default: on CUDA, where
+    tensor-core convolutions want NHWC (NVIDIA's --nhwc); elsewhere NCHW, NVIDIA's default layout,
+    which reproduces its CPU float16 outputs bit for bit (tests/test_stylegan2_parity_fp16.py)."""
+    import torch
+
+    return torch.device(device).type == "cuda"
 
 
 def seed_everything(seed: int) -> "torch.Generator":

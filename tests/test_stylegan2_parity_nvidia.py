@@ -37,7 +37,7 @@ def _backend_or_skip(backend: str) -> str:
         pytest.skip(f"backend '{backend}' unavailable: {error}")
 
 
-@pytest.fixture(params=["reference", "fused"])
+@pytest.fixture(params=["reference", "eager"])
 def backend(request) -> str:
     return _backend_or_skip(request.param)
 

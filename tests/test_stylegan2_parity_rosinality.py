@@ -22,12 +22,12 @@ def _backends() -> list:
     from clip2gan_cli.stylegan2.ops import resolve_backend
 
     try:
-        resolve_backend("fused")
+        resolve_backend("eager")
         reason = None
     except DeviceError as error:
         reason = str(error)
-    skip_fused = pytest.mark.skipif(reason is not None, reason=f"fused backend not available here: {reason}")
-    return ["reference", pytest.param("fused", marks=skip_fused)]
+    skip_fused = pytest.mark.skipif(reason is not None, reason=f"eager backend not available here: {reason}")
+    return ["reference", pytest.param("eager", marks=skip_fused)]
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
-from ..errors import CheckpointError, UserInputError
+from ..device import PRECISION_CHOICES, reduced_dtype, reduced_precision_channels_last
+from ..errors import CheckpointError, DeviceError, UserInputError
 from .ops import get_ops, resolve_backend
 from .ops.reference import activation_defaults, setup_filter
 
@@ -41,6 +43,16 @@ def _channel_table(resolutions, channel_base, channel_max, channels) -> dict[int
             raise UserInputError(f"the channel table lacks resolution(s) {missing} (it has {sorted(channels)})")
         return {res: int(channels[res]) for res in resolutions}
     return {res: min(channel_base // res, channel_max) for res in resolutions}
+
+
+def _fp16_resolution(img_resolution: int, num_fp16_res: int) -> int:
+    """Blocks at this resolution and above are marked for reduced precision (NVIDIA's rule, never 4x4)."""
+    return max(2 ** (int(math.log2(img_resolution)) + 1 - num_fp16_res), 8)
+
+
+def _check_num_fp16_res(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserInputError(f"num_fp16_res must be an integer >= 0, got {value!r}")
 
 
 def _int_keys(table):
@@ -89,6 +101,7 @@ class GeneratorConfig(_ConfigMixin):
     channel_max: int = 512  # ... unless `channels` gives the table explicitly
     channels: dict[int, int] | None = None  # explicit resolution -> channels table (rosinality, loaders)
     conv_clamp: float | None = None  # clamp synthesis activations to +-conv_clamp (None: off)
+    num_fp16_res: int = 0  # the N highest-resolution blocks run in float16 when the precision allows
     architecture: str = "skip"  # only the config-f `skip` generator is implemented
     resample_filter: tuple[int, ...] = DEFAULT_FILTER  # FIR taps for up-sampling
     use_noise: bool = True  # per-layer noise inputs
@@ -102,6 +115,7 @@ class GeneratorConfig(_ConfigMixin):
             raise UserInputError(f"generator architecture '{self.architecture}' is not supported (only 'skip')")
         if min(self.z_dim, self.w_dim, self.img_channels, self.mapping_layers) < 1:
             raise UserInputError("z_dim, w_dim, img_channels and mapping_layers must be positive")
+        _check_num_fp16_res(self.num_fp16_res)
         self.channels_per_resolution()  # validates an explicit table
 
     @property
@@ -116,6 +130,12 @@ class GeneratorConfig(_ConfigMixin):
     def channels_per_resolution(self) -> dict[int, int]:
         return _channel_table(self.block_resolutions, self.channel_base, self.channel_max, self.channels)
 
+    @property
+    def fp16_resolutions(self) -> list[int]:
+        """The blocks that run in reduced precision (fp16/bf16) when the precision asks for it."""
+        first = _fp16_resolution(self.img_resolution, self.num_fp16_res)
+        return [res for res in self.block_resolutions if res >= first]
+
 
 @dataclass
 class DiscriminatorConfig(_ConfigMixin):
@@ -127,6 +147,7 @@ class DiscriminatorConfig(_ConfigMixin):
     channel_max: int = 512  # ... unless `channels` gives the table explicitly
     channels: dict[int, int] | None = None  # explicit resolution -> channels table
     conv_clamp: float | None = None  # clamp conv activations to +-conv_clamp (None: off)
+    num_fp16_res: int = 0  # the N highest-resolution blocks run in float16 when the precision allows
     architecture: str = "resnet"  # only the config-f `resnet` discriminator is implemented
     mbstd_group_size: int | None = 4  # minibatch-std group (None: whole batch; min(group, N) is used)
     mbstd_num_channels: int = 1  # minibatch-std feature maps appended (0: no mbstd)
@@ -141,6 +162,7 @@ class DiscriminatorConfig(_ConfigMixin):
             raise UserInputError(f"discriminator architecture '{self.architecture}' is not supported (only 'resnet')")
         if self.mbstd_group_size is not None and self.mbstd_group_size < 1:
             raise UserInputError(f"mbstd_group_size must be positive or None, got {self.mbstd_group_size}")
+        _check_num_fp16_res(self.num_fp16_res)
         self.channels_per_resolution()
 
     @property
@@ -150,6 +172,12 @@ class DiscriminatorConfig(_ConfigMixin):
 
     def channels_per_resolution(self) -> dict[int, int]:
         return _channel_table(self.block_resolutions + [4], self.channel_base, self.channel_max, self.channels)
+
+    @property
+    def fp16_resolutions(self) -> list[int]:
+        """The blocks that run in reduced precision (fp16/bf16) when the precision asks for it."""
+        first = _fp16_resolution(self.img_resolution, self.num_fp16_res)
+        return [res for res in self.block_resolutions if res >= first]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +220,76 @@ class _SwitchableBackend(nn.Module):
         """Switch every layer to backend `name` ("auto", "reference", "eager" or "triton"); returns self."""
         self._backend = _set_backend(self, name)
         return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision and memory format (NVIDIA's mixed precision)
+
+def _check_precision(precision: str) -> str:
+    name = str(precision or "auto").strip().lower()
+    if name not in PRECISION_CHOICES:
+        raise DeviceError(f"unknown precision '{precision}'", hint=f"expected one of {', '.join(PRECISION_CHOICES)}")
+    return name
+
+
+class _BlockPrecision:
+    """Per forward call: the dtype and memory format of each block (NVIDIA's use_fp16 / fp16_channels_last).
+
+    A block marked by num_fp16_res runs in the reduced dtype when the precision gives one (NCHW or
+    channels_last), every other block in the full dtype (in the backend's own layout). force_fp32 is
+    NVIDIA's flag.
+    """
+
+    def __init__(self, network: nn.Module, device: torch.device, full: torch.dtype, force_fp32: bool):
+        self.full = full
+        self.reduced = None if force_fp32 else reduced_dtype(network.precision, device)
+        channels_last = network.fp16_channels_last
+        if channels_last is None:
+            channels_last = reduced_precision_channels_last(device)
+        self.channels_last = bool(channels_last)
+
+    def of(self, block: nn.Module) -> dict:
+        if block.use_fp16 and self.reduced is not None:
+            layout = torch.channels_last if self.channels_last else torch.contiguous_format
+            return {"dtype": self.reduced, "memory_format": layout}
+        # Full precision: NVIDIA makes the maps NCHW; keeping the backend's own layout (the fused ops keep
+        # large maps channels_last from layer to layer) gives the same values without a copy per block.
+        return {"dtype": self.full, "memory_format": torch.preserve_format}
+
+
+def _slice_batch(value, start: int, stop: int, batch: int):
+    """value[start:stop] along the batch for per-sample tensors (and dicts of them); shared ones as they are."""
+    if isinstance(value, dict):
+        return {key: _slice_batch(item, start, stop, batch) for key, item in value.items()}
+    if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[0] == batch and batch > 1:
+        return value[start:stop]
+    return value
+
+
+def _run_block(block: nn.Module, checkpointed: bool, chunk: int | None, x, img, *args, **kwargs):
+    """Call a block, or (checkpointed, grads on) recompute it in backward instead of keeping its activations.
+
+    With `chunk`, the block runs (and is recomputed) on at most `chunk` samples at a time, so the
+    recompute's peak no longer grows with the batch; blocks are per-sample, so the values are the same.
+    torch.utils.checkpoint restores the RNG state before recomputing (random draws repeat exactly).
+    """
+    if not (checkpointed and torch.is_grad_enabled()):
+        return block(x, img, *args, **kwargs)
+    batch = (x if x is not None else img if img is not None else args[0]).shape[0]
+    step = batch if not chunk or chunk >= batch else chunk
+    outputs = []
+    for start in range(0, batch, step):
+        def part(value, start=start):
+            return _slice_batch(value, start, start + step, batch)
+
+        outputs.append(torch.utils.checkpoint.checkpoint(
+            block, part(x), part(img), *[part(arg) for arg in args], use_reentrant=False,
+            **{key: part(value) for key, value in kwargs.items()}))
+    if len(outputs) == 1:
+        return outputs[0]
+    if isinstance(outputs[0], tuple):
+        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs))
+    return torch.cat(outputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,9 +504,11 @@ class SynthesisBlock(_OpsUser):
                  resample_filter=DEFAULT_FILTER,  # FIR taps for upsampling
                  conv_clamp: float | None = None,  # clamp activations (None: off)
                  use_noise: bool = True,  # per-pixel noise in both convs
+                 use_fp16: bool = False,  # marked by num_fp16_res: runs in fp16/bf16 when the precision allows
                  ):
         super().__init__()
         self.in_channels, self.out_channels, self.resolution = in_channels, out_channels, resolution
+        self.use_fp16 = use_fp16
         self.register_buffer("resample_filter", setup_filter(resample_filter))
         layer_args = dict(w_dim=w_dim, resolution=resolution, use_noise=use_noise,
                           resample_filter=resample_filter, conv_clamp=conv_clamp)
@@ -420,21 +520,42 @@ class SynthesisBlock(_OpsUser):
         self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp)
         self.num_conv = 1 if in_channels == 0 else 2
         self.num_torgb = 1
+        # Checkpointing pays where a sample's maps outweigh the weights (1024 config-f: blocks >= 128 px).
+        self.activation_heavy = out_channels * resolution ** 2 > self.conv1.weight.numel()
 
     def layer_names(self) -> list[str]:
         return ["conv1"] if self.in_channels == 0 else ["conv0", "conv1"]
 
-    def forward(self, x, img, ws, noise_mode="const", noise=None, fused_modconv=True):
-        """ws: [N, num_conv + 1, w_dim] (conv rows, then the ToRGB row); noise: {layer name: raw noise}."""
+    def random_noise(self, batch: int, device, dtype) -> dict:
+        """The raw N(0,1) maps the layers draw themselves under noise_mode 'random', drawn the same way
+        in the same order (so the whole batch can be drawn before the block runs in chunks)."""
+        return {name: torch.randn([batch, 1, self.resolution, self.resolution], device=device, dtype=dtype)
+                for name in self.layer_names() if getattr(self, name).use_noise}
+
+    def forward(self, x, img, ws, noise_mode="const", noise=None, fused_modconv=None, dtype=None,
+                memory_format=torch.preserve_format):
+        """ws: [N, num_conv + 1, w_dim] (conv rows, then the ToRGB row); noise: {layer name: raw noise}.
+
+        dtype / memory_format: this block's activations (dtype None: ws.dtype); ws, styles and the
+        running image stay in ws.dtype. fused_modconv=None: NVIDIA's rule, grouped conv only in eval
+        in float32 (or with a batch of one).
+        """
         noise = noise or {}
         w_rows = ws.unbind(dim=1)
+        dtype = ws.dtype if dtype is None else dtype
+        if fused_modconv is None:
+            fused_modconv = (not self.training) and (dtype == torch.float32 or ws.shape[0] == 1)
         if self.in_channels == 0:
-            x = self.const.unsqueeze(0).repeat([ws.shape[0], 1, 1, 1]).to(ws.dtype)
+            x = self.const.unsqueeze(0).to(dtype=dtype, memory_format=memory_format)
+            x = x.repeat([ws.shape[0], 1, 1, 1])
+        else:
+            x = x.to(dtype=dtype, memory_format=memory_format)
         for name, w in zip(self.layer_names(), w_rows):
             x = getattr(self, name)(x, w, noise_mode=noise_mode, noise=noise.get(name), fused_modconv=fused_modconv)
         if img is not None:  # skip architecture: upsample the running image with the FIR
             img = _upsample2d(self.ops, img, self.resample_filter)
-        y = self.torgb(x, w_rows[self.num_conv], fused_modconv=fused_modconv).to(torch.float32)
+        y = self.torgb(x, w_rows[self.num_conv], fused_modconv=fused_modconv)
+        y = y.to(dtype=ws.dtype, memory_format=torch.contiguous_format)  # the image path stays in full precision
         img = img.add_(y) if img is not None else y  # in place: img is the upsampling's fresh output
         return x, img
 
@@ -450,7 +571,20 @@ def _upsample2d(ops, x, f, up=2):
 
 
 class SynthesisNetwork(nn.Module):
-    """ws [N, num_ws, w_dim] -> image [N, C, R, R] through blocks b4 ... bR (skip architecture)."""
+    """ws [N, num_ws, w_dim] -> image [N, C, R, R] through blocks b4 ... bR (skip architecture).
+
+    `precision` ("auto", "fp32", "fp16", "bf16"; see device.resolve_precision) decides the dtype of
+    the blocks marked by the config's num_fp16_res; every other block, the styles and the image run in
+    float32. `fp16_channels_last` is NVIDIA's flag of that name (None: channels_last on CUDA only).
+    `checkpoint_blocks = True` recomputes each block whose maps outweigh its weights (`activation_heavy`)
+    in backward instead of keeping its activations, `checkpoint_chunk` samples at a time (same outputs
+    and gradients, a fraction of the memory, about one more forward of those blocks).
+    """
+
+    precision: str = "auto"
+    fp16_channels_last: bool | None = None  # reduced-precision maps channels_last (None: device.py decides)
+    checkpoint_blocks: bool = False
+    checkpoint_chunk: int | None = 1  # samples per checkpointed (re)computation (None: the whole batch)
 
     def __init__(self, config: GeneratorConfig):
         super().__init__()
@@ -458,12 +592,18 @@ class SynthesisNetwork(nn.Module):
         self.img_channels, self.num_ws = config.img_channels, config.num_ws
         self.block_resolutions = config.block_resolutions
         channels = config.channels_per_resolution()
+        fp16_resolutions = config.fp16_resolutions
         for res in self.block_resolutions:
             block = SynthesisBlock(channels[res // 2] if res > 4 else 0, channels[res], w_dim=config.w_dim,
                                    resolution=res, img_channels=config.img_channels,
                                    resample_filter=config.resample_filter, conv_clamp=config.conv_clamp,
-                                   use_noise=config.use_noise)
+                                   use_noise=config.use_noise, use_fp16=res in fp16_resolutions)
             setattr(self, f"b{res}", block)
+
+    def set_precision(self, precision: str):
+        """"auto" | "fp32" | "fp16" | "bf16" for the marked blocks (checked now; resolved per device at run time)."""
+        self.precision = _check_precision(precision)
+        return self
 
     def noise_layers(self) -> list[str]:
         """Names of the layers that take noise, in order: b4.conv1, b8.conv0, b8.conv1, ..."""
@@ -498,25 +638,36 @@ class SynthesisNetwork(nn.Module):
             per_block.setdefault(int(block_name[1:]), {})[layer_name] = value
         return per_block
 
-    def forward(self, ws, noise_mode="const", noise=None, fused_modconv=None):
+    def forward(self, ws, noise_mode="const", noise=None, fused_modconv=None, force_fp32=False):
         """Render W+. noise_mode: 'const' (stored maps), 'random' (fresh draws) or 'none'; explicit
         `noise` (raw N(0,1), dict by layer name or list in `noise_layers()` order) overrides it per layer.
-        fused_modconv=None picks NVIDIA's rule: grouped conv in eval, activation scaling in training."""
+        fused_modconv=None picks NVIDIA's rule per block: grouped conv in eval in float32, activation
+        scaling in training or reduced precision. force_fp32=True runs every block in float32 (NVIDIA's flag)."""
         if noise_mode not in ("const", "random", "none"):
             raise UserInputError(f"noise_mode must be 'const', 'random' or 'none', got '{noise_mode}'")
         if ws.ndim != 3 or ws.shape[1] != self.num_ws or ws.shape[2] != self.w_dim:
             raise UserInputError(f"ws must have shape [N, {self.num_ws}, {self.w_dim}], got {list(ws.shape)}")
         ws = ws.to(self.b4.const.dtype)
-        if fused_modconv is None:
-            fused_modconv = (not self.training) and (ws.dtype == torch.float32 or ws.shape[0] == 1)
+        layout = _BlockPrecision(self, ws.device, ws.dtype, force_fp32)
         noise_by_block = self._noise_per_block(noise) if noise is not None else {}
+        chunking = bool(self.checkpoint_blocks and self.checkpoint_chunk and torch.is_grad_enabled()
+                        and ws.shape[0] > self.checkpoint_chunk)
         x = img = None
         w_idx = 0
         for res in self.block_resolutions:
             block = getattr(self, f"b{res}")
             block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)  # conv0 reuses the previous ToRGB row
-            x, img = block(x, img, block_ws, noise_mode=noise_mode, noise=noise_by_block.get(res),
-                           fused_modconv=fused_modconv)
+            block_noise, block_layout = noise_by_block.get(res), layout.of(block)
+            block_fused = fused_modconv
+            if chunking and block.activation_heavy:  # decide for the whole batch what it would do unchunked
+                if block_fused is None:
+                    block_fused = (not self.training) and (block_layout["dtype"] == torch.float32 or ws.shape[0] == 1)
+                if noise_mode == "random":
+                    block_noise = {**block.random_noise(ws.shape[0], ws.device, block_layout["dtype"]),
+                                   **(block_noise or {})}
+            x, img = _run_block(block, self.checkpoint_blocks and block.activation_heavy, self.checkpoint_chunk,
+                                x, img, block_ws, noise_mode=noise_mode, noise=block_noise, fused_modconv=block_fused,
+                                **block_layout)
             w_idx += block.num_conv
         return img
 
@@ -529,7 +680,7 @@ class Generator(_SwitchableBackend):
 
     def __init__(self,
                  config: GeneratorConfig,  # architecture
-                 backend: str = "auto",  # ops backend: "auto", "reference" or "fused"
+                 backend: str = "auto",  # ops backend: "auto", "reference", "eager" or "triton"
                  ):
         super().__init__()
         self.config = config
@@ -544,16 +695,31 @@ class Generator(_SwitchableBackend):
     def w_avg(self) -> torch.Tensor:
         return self.mapping.w_avg
 
+    @property
+    def precision(self) -> str:
+        return self.synthesis.precision
+
+    @precision.setter
+    def precision(self, name: str) -> None:
+        self.set_precision(name)
+
+    def set_precision(self, precision: str):
+        """Run the config's num_fp16_res blocks in: "auto" (float16 on CUDA, float32 on CPU/MPS),
+        "fp32" (everything float32), "fp16" or "bf16" (on any device). Weights stay float32; returns self."""
+        self.synthesis.set_precision(precision)
+        return self
+
     def forward(self, z, truncation_psi=1.0, truncation_cutoff=None, noise_mode="const", noise=None,
-                update_emas=False, fused_modconv=None):
+                update_emas=False, fused_modconv=None, force_fp32=False):
         """z [N, z_dim] -> image [N, C, R, R] (nominal range [-1, 1], not clamped)."""
         ws = self.mapping(z, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff,
                           update_emas=update_emas)
-        return self.synthesis(ws, noise_mode=noise_mode, noise=noise, fused_modconv=fused_modconv)
+        return self.synthesis(ws, noise_mode=noise_mode, noise=noise, fused_modconv=fused_modconv,
+                              force_fp32=force_fp32)
 
     def extra_repr(self):
-        return (f"z_dim={self.z_dim}, w_dim={self.w_dim}, num_ws={self.num_ws}, "
-                f"img_resolution={self.img_resolution}, backend={self._backend}")
+        return (f"z_dim={self.z_dim}, w_dim={self.w_dim}, num_ws={self.num_ws}, img_resolution={self.img_resolution}, "
+                f"backend={self._backend}, precision={self.precision}, fp16_res={self.config.fp16_resolutions}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,9 +737,11 @@ class DiscriminatorBlock(_OpsUser):
                  img_channels: int,  # image channels (for fromrgb)
                  resample_filter=DEFAULT_FILTER,  # FIR taps for downsampling
                  conv_clamp: float | None = None,  # clamp activations (None: off)
+                 use_fp16: bool = False,  # marked by num_fp16_res: runs in fp16/bf16 when the precision allows
                  ):
         super().__init__()
         self.in_channels, self.out_channels, self.resolution = in_channels, out_channels, resolution
+        self.use_fp16 = use_fp16
         self.register_buffer("resample_filter", setup_filter(resample_filter))
         if in_channels == 0:
             self.fromrgb = Conv2dLayer(img_channels, tmp_channels, kernel_size=1, activation="lrelu",
@@ -583,10 +751,15 @@ class DiscriminatorBlock(_OpsUser):
                                  resample_filter=resample_filter, conv_clamp=conv_clamp)
         self.skip = Conv2dLayer(tmp_channels, out_channels, kernel_size=1, bias=False, down=2,
                                 resample_filter=resample_filter)
+        self.activation_heavy = tmp_channels * resolution ** 2 > self.conv0.weight.numel()  # worth checkpointing
 
-    def forward(self, x, img):
+    def forward(self, x, img, dtype=None, memory_format=torch.preserve_format):
+        """dtype / memory_format: this block's activations (dtype None: the image's)."""
+        dtype = img.dtype if dtype is None else dtype
         if self.in_channels == 0:
-            x = self.fromrgb(img)
+            x = self.fromrgb(img.to(dtype=dtype, memory_format=memory_format))
+        else:
+            x = x.to(dtype=dtype, memory_format=memory_format)
         y = self.skip(x, gain=math.sqrt(0.5))
         x = self.conv1(self.conv0(x), gain=math.sqrt(0.5))
         return y.add_(x)  # in place: y is the skip conv's fresh output
@@ -640,6 +813,7 @@ class DiscriminatorEpilogue(nn.Module):
         self.out = FullyConnectedLayer(in_channels, 1)
 
     def forward(self, x):
+        x = x.to(dtype=self.fc.weight.dtype, memory_format=torch.contiguous_format)  # the head is always full precision
         if self.mbstd is not None:
             x = self.mbstd(x)
         x = self.conv(x)
@@ -650,40 +824,60 @@ class DiscriminatorEpilogue(nn.Module):
 
 
 class Discriminator(_SwitchableBackend):
-    """StyleGAN2 `resnet` discriminator: images [N, C, R, R] -> logits [N, 1], NVIDIA state-dict keys."""
+    """StyleGAN2 `resnet` discriminator: images [N, C, R, R] -> logits [N, 1], NVIDIA state-dict keys.
+
+    `precision`, `fp16_channels_last`, `checkpoint_blocks` and `checkpoint_chunk` work as on
+    SynthesisNetwork (the epilogue, which mixes samples through minibatch std, is always float32 and
+    never checkpointed).
+    """
+
+    precision: str = "auto"
+    fp16_channels_last: bool | None = None  # reduced-precision maps channels_last (None: device.py decides)
+    checkpoint_blocks: bool = False
+    checkpoint_chunk: int | None = 1  # samples per checkpointed (re)computation (None: the whole batch)
 
     def __init__(self,
                  config: DiscriminatorConfig,  # architecture
-                 backend: str = "auto",  # ops backend: "auto", "reference" or "fused"
+                 backend: str = "auto",  # ops backend: "auto", "reference", "eager" or "triton"
                  ):
         super().__init__()
         self.config = config
         self.img_resolution, self.img_channels = config.img_resolution, config.img_channels
         self.block_resolutions = config.block_resolutions
         channels = config.channels_per_resolution()
+        fp16_resolutions = config.fp16_resolutions
         for res in self.block_resolutions:
             in_channels = channels[res] if res < config.img_resolution else 0
             block = DiscriminatorBlock(in_channels, channels[res], channels[res // 2], resolution=res,
                                        img_channels=config.img_channels, resample_filter=config.resample_filter,
-                                       conv_clamp=config.conv_clamp)
+                                       conv_clamp=config.conv_clamp, use_fp16=res in fp16_resolutions)
             setattr(self, f"b{res}", block)
         self.b4 = DiscriminatorEpilogue(channels[4], resolution=4, mbstd_group_size=config.mbstd_group_size,
                                         mbstd_num_channels=config.mbstd_num_channels, conv_clamp=config.conv_clamp)
         self._backend = _set_backend(self, backend)
 
-    def forward(self, img):
+    def set_precision(self, precision: str):
+        """As Generator.set_precision, for the config's num_fp16_res highest-resolution blocks; returns self."""
+        self.precision = _check_precision(precision)
+        return self
+
+    def forward(self, img, force_fp32=False):
         expected = [self.img_channels, self.img_resolution, self.img_resolution]
         if img.ndim != 4 or list(img.shape[1:]) != expected:
             raise UserInputError(f"the discriminator takes images [N, {', '.join(map(str, expected))}], "
                                  f"got {list(img.shape)}")
         img = img.to(self.b4.fc.weight.dtype)
+        layout = _BlockPrecision(self, img.device, img.dtype, force_fp32)
         x = None
         for res in self.block_resolutions:
-            x = getattr(self, f"b{res}")(x, img)  # only the first block reads the image (fromrgb)
+            block = getattr(self, f"b{res}")  # only the first block reads the image (fromrgb)
+            x = _run_block(block, self.checkpoint_blocks and block.activation_heavy, self.checkpoint_chunk, x, img,
+                           **layout.of(block))
         return self.b4(x)
 
     def extra_repr(self):
-        return f"img_resolution={self.img_resolution}, backend={self._backend}"
+        return (f"img_resolution={self.img_resolution}, backend={self._backend}, precision={self.precision}, "
+                f"fp16_res={self.config.fp16_resolutions}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -713,13 +907,16 @@ def build_generator(resolution: int,
                     channels: dict[int, int] | None = None,  # explicit resolution -> channels table
                     backend: str = "auto",  # ops backend
                     seed: int | None = None,  # fixed init seed (None: the global RNG)
+                    num_fp16_res: int = 0,  # highest-resolution blocks marked for float16
+                    precision: str = "auto",  # what the marked blocks run in (see Generator.set_precision)
                     ) -> Generator:
     """A randomly initialised generator (NVIDIA init laws) of the given config-f style architecture."""
     config = GeneratorConfig(img_resolution=resolution, z_dim=z_dim, w_dim=w_dim, img_channels=img_channels,
                              mapping_layers=mapping_layers, mapping_lr_mul=mapping_lr_mul, channel_base=channel_base,
-                             channel_max=channel_max, channels=channels, conv_clamp=conv_clamp)
+                             channel_max=channel_max, channels=channels, conv_clamp=conv_clamp,
+                             num_fp16_res=num_fp16_res)
     with _seeded(seed):
-        return Generator(config, backend=backend)
+        return Generator(config, backend=backend).set_precision(precision)
 
 
 def build_discriminator(resolution: int,
@@ -732,13 +929,16 @@ def build_discriminator(resolution: int,
                         channels: dict[int, int] | None = None,  # explicit resolution -> channels table
                         backend: str = "auto",  # ops backend
                         seed: int | None = None,  # fixed init seed (None: the global RNG)
+                        num_fp16_res: int = 0,  # highest-resolution blocks marked for float16
+                        precision: str = "auto",  # what the marked blocks run in
                         ) -> Discriminator:
     """A randomly initialised `resnet` discriminator."""
     config = DiscriminatorConfig(img_resolution=resolution, img_channels=img_channels, channel_base=channel_base,
                                  channel_max=channel_max, channels=channels, conv_clamp=conv_clamp,
-                                 mbstd_group_size=mbstd_group_size, mbstd_num_channels=mbstd_num_channels)
+                                 mbstd_group_size=mbstd_group_size, mbstd_num_channels=mbstd_num_channels,
+                                 num_fp16_res=num_fp16_res)
     with _seeded(seed):
-        return Discriminator(config, backend=backend)
+        return Discriminator(config, backend=backend).set_precision(precision)
 
 
 def is_filter_key(name: str) -> bool:

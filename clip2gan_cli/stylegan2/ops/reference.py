@@ -220,8 +220,8 @@ def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, res
     x = conv2d_resample(x, w.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding,
                         groups=batch, flip_weight=flip_weight)
     x = x.reshape(batch, -1, *x.shape[2:])
-    if noise is not None:
-        x = x.add_(noise.to(x.dtype))  # in place: x is the conv's fresh output
+    if noise is not None:  # in place: x is the conv's fresh output; the sum is rounded once (as NVIDIA's)
+        x = x.add_(noise)
     return x
 
 
