@@ -30,7 +30,6 @@ path is delegated to the reference implementation.
 """
 from __future__ import annotations
 
-import math
 import sys
 import weakref
 
@@ -303,10 +302,8 @@ def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, res
     """
     batch = x.shape[0]
     out_channels, in_channels, kh, kw = weight.shape
-    if x.dtype == torch.float16 and demodulate:  # pre-normalize to avoid fp16 overflow (cancels out)
-        weight = weight * (1 / math.sqrt(in_channels * kh * kw)
-                           / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
-        styles = styles / styles.norm(float("inf"), dim=1, keepdim=True)
+    if x.dtype == torch.float16 and demodulate:  # as reference.modulated_conv2d
+        weight, styles = reference.prenormalize_for_fp16(weight, styles)
     styles = styles.to(weight.dtype)
     dcoefs = None
     if demodulate:  # sum_{i,k} (W[o,i,k] s[n,i])^2 = (sum_k W[o,i,k]^2) @ s^2

@@ -185,6 +185,16 @@ def conv2d_resample_with(upfirdn2d, x, w, f=None, up=1, down=1, padding=0, group
     return _conv(x, w, groups=groups, flip_weight=flip_weight)
 
 
+def prenormalize_for_fp16(weight, styles):
+    """NVIDIA's scaling before a demodulated float16 conv: keeps activations in float16's range.
+
+    Both factors cancel in demodulation, so the result is the same function; only the rounding moves.
+    """
+    _, in_channels, kh, kw = weight.shape
+    weight = weight * (1 / math.sqrt(in_channels * kh * kw) / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
+    return weight, styles / styles.norm(float("inf"), dim=1, keepdim=True)
+
+
 def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, resample_filter=None,
                      demodulate=True, flip_weight=True, fused_modconv=True):
     """StyleGAN2 modulated convolution: W'[n,o,i] = W[o,i]*s[n,i], demodulated per (n, o), plus noise.
@@ -195,10 +205,8 @@ def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, res
     """
     batch = x.shape[0]
     out_channels, in_channels, kh, kw = weight.shape
-    if x.dtype == torch.float16 and demodulate:  # pre-normalize to avoid fp16 overflow (cancels out)
-        weight = weight * (1 / math.sqrt(in_channels * kh * kw)
-                           / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
-        styles = styles / styles.norm(float("inf"), dim=1, keepdim=True)
+    if x.dtype == torch.float16 and demodulate:
+        weight, styles = prenormalize_for_fp16(weight, styles)
     w = dcoefs = None
     if demodulate or fused_modconv:
         w = weight.unsqueeze(0) * styles.reshape(batch, 1, -1, 1, 1)  # [N,O,I,k,k]

@@ -465,10 +465,8 @@ def modulated_conv2d_bias_act(x, weight, styles, bias=None, noise=None, up=1, do
                                                clamp=clamp)
     batch = x.shape[0]
     out_channels, in_channels, kh, kw = weight.shape
-    if x.dtype == torch.float16 and demodulate:  # as reference.modulated_conv2d: keeps fp16 in range
-        weight = weight * (1 / math.sqrt(in_channels * kh * kw)
-                           / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
-        styles = styles / styles.norm(float("inf"), dim=1, keepdim=True)
+    if x.dtype == torch.float16 and demodulate:  # as reference.modulated_conv2d
+        weight, styles = reference.prenormalize_for_fp16(weight, styles)
     styles = styles.to(weight.dtype)
     dcoefs = None
     if demodulate:  # sum_{i,k} (W[o,i,k] s[n,i])^2 = (sum_k W[o,i,k]^2) @ s^2
