@@ -70,3 +70,32 @@ def test_unknown_precision_is_refused_before_loading(mixed_pack, explicit_files)
                           device="cpu", precision="half")
         else:
             load_pack(register_tiny_pack(mixed_pack, "mixed"), device="cpu", precision="half")
+
+
+def test_cli_precision_reaches_the_generator_and_auto_is_float32_on_the_cpu(mixed_pack, cli_runner, tmp_path):
+    """generate --precision: fp32 and the default (auto = fp32 on the CPU) write the same bytes; fp16 runs the
+    marked blocks in float16, so its images differ slightly (float16 rounding, visible after 8-bit quantisation)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def images(precision):
+        out = tmp_path / (precision or "default")
+        args = ["generate", "a red circle", "-n", "4", "--no-grid", *mixed_pack.cli_args(), "--out", str(out)]
+        result = cli_runner(args + (["--precision", precision] if precision else []))
+        assert result.exit_code == 0, result.stderr
+        return [(out / f"a-red-circle_s0_{i:03d}.png").read_bytes() for i in range(4)]
+
+    default, fp32, fp16 = images(None), images("fp32"), images("FP16")
+    assert default == fp32
+    pixels = lambda png: np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)  # noqa: E731
+    deviation = max(np.abs(pixels(a) - pixels(b)).max() for a, b in zip(fp16, fp32))
+    assert 0 < deviation <= 8, deviation  # float16 rounding: a few 8-bit levels at most
+
+
+def test_serve_reproducing_commands_carry_a_precision_other_than_auto():
+    from clip2gan_cli.serve.app import ModelSpec
+
+    assert "--precision" not in ModelSpec(pack="tiny").cli_args()
+    assert ModelSpec(pack="tiny", precision="fp16").cli_args() == ["--pack", "tiny", "--precision", "fp16"]
