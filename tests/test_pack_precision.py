@@ -99,3 +99,10 @@ def test_serve_reproducing_commands_carry_a_precision_other_than_auto():
 
     assert "--precision" not in ModelSpec(pack="tiny").cli_args()
     assert ModelSpec(pack="tiny", precision="fp16").cli_args() == ["--pack", "tiny", "--precision", "fp16"]
+
+
+def test_serve_refuses_an_unknown_precision_before_listening(cli_runner):
+    result = cli_runner(["serve", "--precision", "fp8", "--port", "0"])
+    assert result.exit_code == 1
+    expected = "Error: unknown --precision 'fp8' (expected auto | fp32 | fp16 | bf16)"
+    assert result.stderr.strip().splitlines() == [expected]

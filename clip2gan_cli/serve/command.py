@@ -34,7 +34,7 @@ def serve_command(
         raise UserInputError(f"--port must be between 0 and 65535, got {port}")
     precision = precision.lower()
     if precision not in PRECISION_CHOICES:
-        raise UserInputError(f"unknown --precision '{precision}'", hint=f"expected {' or '.join(PRECISION_CHOICES)}")
+        raise UserInputError(f"unknown --precision '{precision}'", hint=f"expected {' | '.join(PRECISION_CHOICES)}")
     server = make_server(None, host, port)  # a taken port fails before any model loads
     workdir = make_workdir()
     try:
