@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
-from .device import DEVICE_CHOICES, debug_enabled
+from .device import DEVICE_CHOICES, PRECISION_CHOICES, debug_enabled
 from .errors import Clip2ganError, exit_code_for
 
 app = typer.Typer(
@@ -100,7 +100,9 @@ def device_option():
 
 
 def precision_option():
-    return typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (fp32 default; fp16 needs a GPU).")
+    return typer.Option("auto", "--precision", metavar="|".join(PRECISION_CHOICES),
+                        help="What the generator's float16-marked blocks (the checkpoint's num_fp16_res) run "
+                             "in: auto = fp16 on CUDA, fp32 on CPU / MPS; fp16 | bf16 on any device; fp32: all.")
 
 
 def backend_option():
@@ -252,6 +254,7 @@ def generate_command(
     json_out: bool = json_option(),
     device: str = device_option(),
     backend: str = backend_option(),
+    precision: str = precision_option(),
 ) -> None:
     """Generate images from text prompts."""
     from . import imageio, pipeline
@@ -265,7 +268,8 @@ def generate_command(
     _check_choice("--prior", prior, GENERATION_PRIORS)
     imageio.check_output_dir(out)
     # text only: generate never encodes images, and a text-only CLIP skips importing open_clip
-    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend, text_only=True)
+    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend, text_only=True,
+                           precision=precision)
     bar, advance = _progress("Generating", len(texts) * n)
     with bar:
         result = pipeline.generate(models.generator, models.clip, models.mapper, texts, n=n, seed=seed,
@@ -309,10 +313,10 @@ def edit_command(
     json_out: bool = json_option(),
     device: str = device_option(),
     backend: str = backend_option(),
+    precision: str = precision_option(),
 ) -> None:
     """Edit an image with text: w' = M(C_img(x)) + sum(beta * n(t))."""
     from . import imageio, inputs, pipeline
-    from .device import resolve_device
     from .mapper import EDIT_DIRECTIONS, NEUTRAL_AUTO
     from .packs import output_metadata, select_models
     from .refine import refine_lpips
@@ -322,7 +326,7 @@ def edit_command(
     row_range = pipeline.parse_layers(layers) if layers is not None else None
     imageio.read_image(image)  # bad images fail before any model loads
     imageio.check_output_dir(out)
-    models = select_models(pack, mapper, generator, clip, resolve_device(device), backend)
+    models = select_models(pack, mapper, generator, clip, device, backend, precision=precision)  # device resolved there
     source, start = inputs.load_image(image, models, align), inputs.load_start_latent(latent, models)
     bar, advance = _progress("Refining", refine_steps)
     with bar:
@@ -377,6 +381,7 @@ def interpolate_command(
     json_out: bool = json_option(),
     device: str = device_option(),
     backend: str = backend_option(),
+    precision: str = precision_option(),
 ) -> None:
     """Interpolate between two prompts, images or latents; frames as PNGs, optionally a GIF / MP4."""
     from . import imageio, inputs, pipeline
@@ -393,7 +398,7 @@ def interpolate_command(
         imageio.require_mp4_encoder()  # before any work
     imageio.check_output_dir(out)
     models = select_models(pack, mapper, generator, clip, resolve_device(device), backend,
-                           text_only=not inputs.needs_image_encoder(a, b))
+                           text_only=not inputs.needs_image_encoder(a, b), precision=precision)
     w_a, w_b = (inputs.endpoint_latent(spec, models, align, prior, seed) for spec in (a, b))
     bar, advance = _progress("Rendering", frames)
     with bar:
@@ -486,6 +491,7 @@ def eval_fid_command(
     json_out: bool = json_option(),
     device: str = device_option(),
     backend: str = backend_option(),
+    precision: str = precision_option(),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per feature-extractor / generator call."),
     seed: int = typer.Option(0, "--seed", help="Seed of the generation noise and of the KID subsets."),
 ) -> None:
@@ -502,7 +508,8 @@ def eval_fid_command(
     config = EvalConfig(real=real, stats=stats, save_stats=save_stats, fake=fake, pack=pack, prompts=prompts,
                         images_per_prompt=n, prior=prior, features=features.lower(), fid_mode=fid_mode.lower(),
                         score_clip=score_clip, kid=kid, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
-                        inception_weights=inception_weights, device=device, backend=backend, batch_size=batch_size,
+                        inception_weights=inception_weights, device=device, backend=backend, precision=precision.lower(),
+                        batch_size=batch_size,
                         seed=seed, cache=not no_cache, progress=not quiet)
     result = evaluate(config, warn=lambda message: err(as_flags(message)))
     if report is not None:

@@ -134,7 +134,7 @@ def build_tree(state_dict: dict[str, torch.Tensor], kind: str, attributes: dict[
 
 
 def default_attributes(state_dict: dict[str, torch.Tensor], kind: str, conv_clamp: float | None = None,
-                       mbstd_group_size: int | None = 4) -> dict[str, dict]:
+                       mbstd_group_size: int | None = 4, num_fp16_res: int = 0) -> dict[str, dict]:
     """The plain attributes NVIDIA's modules carry (numpy float64 gains, conv_clamp, architecture, kwargs)."""
     attributes: dict[str, dict] = {}
     modules = {name.rsplit(".", 1)[0] for name in state_dict if "." in name}
@@ -155,7 +155,8 @@ def default_attributes(state_dict: dict[str, torch.Tensor], kind: str, conv_clam
             "z_dim": state_dict["mapping.fc0.weight"].shape[1], "w_dim": state_dict["mapping.fc0.weight"].shape[0],
             "mapping_kwargs": EasyDict(num_layers=sum(1 for k in state_dict if k.endswith(".weight")
                                                       and k.startswith("mapping.fc"))),
-            "synthesis_kwargs": EasyDict(channel_base=1024, channel_max=64, num_fp16_res=0, conv_clamp=conv_clamp),
+            "synthesis_kwargs": EasyDict(channel_base=1024, channel_max=64, num_fp16_res=num_fp16_res,
+                                         conv_clamp=conv_clamp),
             "c_dim": 0, "img_resolution": resolution, "img_channels": 3}, "_init_args": ()}
     else:
         resolution = max(int(name.split(".")[0][1:]) for name in state_dict)
@@ -165,18 +166,21 @@ def default_attributes(state_dict: dict[str, torch.Tensor], kind: str, conv_clam
         attributes["b4.mbstd"] = {"group_size": mbstd_group_size, "num_channels": 1}
         attributes[""] = {"img_resolution": resolution,
                           "_init_kwargs": {"epilogue_kwargs": EasyDict(mbstd_group_size=mbstd_group_size),
-                                           "architecture": "resnet", "conv_clamp": conv_clamp}}
+                                           "architecture": "resnet", "conv_clamp": conv_clamp,
+                                           "num_fp16_res": num_fp16_res}}
     return attributes
 
 
 def dumps_snapshot(generator: dict[str, torch.Tensor], discriminator: dict[str, torch.Tensor] | None = None,
                    protocol: int = 4, conv_clamp: tuple[float | None, float | None] = (None, None),
                    mbstd_group_size: int | None = 4, module_src: str = PLACEHOLDER_SOURCE,
-                   extra: dict[str, Any] | None = None, ordered_containers: bool = False) -> bytes:
+                   extra: dict[str, Any] | None = None, ordered_containers: bool = False,
+                   num_fp16_res: tuple[int, int] = (0, 0)) -> bytes:
     """Pickle bytes of a training snapshot {training_set_kwargs, G, D, G_ema, augment_pipe} (+ extra entries).
 
-    `ordered_containers` writes module containers as OrderedDicts, as torch <= 1.9 did."""
-    g_attributes = default_attributes(generator, "generator", conv_clamp[0])
+    `ordered_containers` writes module containers as OrderedDicts, as torch <= 1.9 did; `conv_clamp` and
+    `num_fp16_res` are (G's, D's) constructor kwargs."""
+    g_attributes = default_attributes(generator, "generator", conv_clamp[0], num_fp16_res=num_fp16_res[0])
     root: dict[str, Any] = {"training_set_kwargs": {"class_name": "training.dataset.ImageFolderDataset",
                                                     "resolution": 32, "xflip": False}}
     # G holds the raw training weights: a perturbed copy, so a loader taking G instead of G_ema shows.
@@ -184,7 +188,8 @@ def dumps_snapshot(generator: dict[str, torch.Tensor], discriminator: dict[str, 
                            g_attributes, module_src)
     if discriminator is not None:
         root["D"] = build_tree(discriminator, "discriminator",
-                               default_attributes(discriminator, "discriminator", conv_clamp[1], mbstd_group_size),
+                               default_attributes(discriminator, "discriminator", conv_clamp[1], mbstd_group_size,
+                                                  num_fp16_res[1]),
                                module_src)
     root["G_ema"] = build_tree(generator, "generator", g_attributes, module_src)
     root["augment_pipe"] = None

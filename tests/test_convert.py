@@ -92,6 +92,125 @@ def test_nvidia_pickle_recorded_conv_clamp_and_mbstd_group_are_used(tmp_path, nv
     assert convert.load_discriminator(whole_batch, device="cpu").config.mbstd_group_size is None
 
 
+@pytest.fixture(scope="module")
+def nvidia_small_fp16():
+    return _load_parity("nvidia_small_fp16.safetensors")
+
+
+def _marked_block_dtypes(network, blocks) -> dict[str, torch.dtype]:
+    """{block: dtype of the activations its conv layers receive} over one forward call (pre-hooks)."""
+    seen: dict[str, torch.dtype] = {}
+
+    def recorder(name):
+        def record(module, args):
+            seen[name] = args[0].dtype
+        return record
+
+    for name in blocks:
+        for layer in ("conv0", "conv1"):
+            network.get_submodule(f"{name}.{layer}").register_forward_pre_hook(recorder(name))
+    return seen
+
+
+def test_nvidia_pickle_mixed_precision_settings_survive_conversion(tmp_path, nvidia_small_fp16):
+    # num_fp16_res and conv_clamp change no tensor: read from the recorded kwargs, kept in the converted config.
+    pickle_path = tmp_path / "mixed.pkl"
+    pickle_path.write_bytes(dumps_snapshot(split_prefix(nvidia_small_fp16, "G."), split_prefix(nvidia_small_fp16, "D."),
+                                           conv_clamp=(256, 256), num_fp16_res=(2, 2)))
+    generator_path = convert.convert_checkpoint(pickle_path, out_dir=tmp_path / "converted")
+    for path in (generator_path, convert.discriminator_path(generator_path)):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            config = json.loads(handle.metadata()["config"])
+        assert (config["num_fp16_res"], config["conv_clamp"]) == (2, 256), path.name
+    G = convert.load_generator(generator_path, device="cpu", backend="reference")
+    D = convert.load_discriminator(convert.discriminator_path(generator_path), device="cpu", backend="reference")
+    assert (G.config.num_fp16_res, G.config.conv_clamp, G.config.fp16_resolutions) == (2, 256, [16, 32])
+    assert (D.config.num_fp16_res, D.config.conv_clamp, sorted(D.config.fp16_resolutions)) == (2, 256, [16, 32])
+    assert G.precision == D.precision == "fp32"  # auto on the CPU
+
+
+def test_nvidia_pickle_without_num_fp16_res_and_old_converted_files_load_as_float32(tmp_path, nvidia_small):
+    from safetensors.torch import load_file, save_file
+
+    pickle_path = tmp_path / "fp32.pkl"
+    pickle_path.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), split_prefix(nvidia_small, "D.")))
+    generator_path = convert.convert_checkpoint(pickle_path, out_dir=tmp_path / "converted")
+    assert convert.load_generator(generator_path, device="cpu").config.num_fp16_res == 0
+    from safetensors import safe_open
+
+    with safe_open(str(generator_path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    config = json.loads(metadata["config"])
+    del config["num_fp16_res"]  # a file converted before the key existed
+    old_path = tmp_path / "old.G.safetensors"
+    save_file(load_file(str(generator_path)), str(old_path), metadata={**metadata, "config": json.dumps(config),
+                                                                       "converter_version": "1"})
+    G = convert.load_generator(old_path, device="cpu", precision="fp16")
+    assert G.config.num_fp16_res == 0 and G.config.fp16_resolutions == []
+
+
+def test_bad_num_fp16_res_in_a_pickle_is_a_checkpoint_error(tmp_path, nvidia_small):
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), None, num_fp16_res=(-1, 0)))
+    with pytest.raises(CheckpointError, match="num_fp16_res"):
+        convert.load_generator(path, device="cpu")
+
+
+def test_cached_conversions_of_an_older_converter_are_redone(tmp_path, nvidia_small_fp16):
+    pickle_path = tmp_path / "net.pkl"
+    pickle_path.write_bytes(dumps_snapshot(split_prefix(nvidia_small_fp16, "G."), None, conv_clamp=(256, None),
+                                           num_fp16_res=(2, 0)))
+    out_dir = tmp_path / "converted"
+    generator_path = convert.convert_checkpoint(pickle_path, out_dir=out_dir)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(generator_path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    config = json.loads(metadata["config"])
+    del config["num_fp16_res"]  # what version 1 wrote: the setting was lost
+    save_file(load_file(str(generator_path)), str(generator_path),
+              metadata={**metadata, "config": json.dumps(config), "converter_version": "1"})
+    assert convert.load_generator(generator_path, device="cpu").config.num_fp16_res == 0
+    convert.convert_checkpoint(pickle_path, out_dir=out_dir)
+    assert convert.load_generator(generator_path, device="cpu").config.num_fp16_res == 2
+
+
+def test_load_with_precision_runs_the_marked_blocks_as_asked(tmp_path, nvidia_small_fp16):
+    """precision="fp16" on the CPU: the checkpoint's two marked blocks run in float16 and reproduce NVIDIA's
+    float16 outputs (reference backend, NVIDIA's NCHW layout: float32-tight); "fp32" and auto: all float32."""
+    tensors = nvidia_small_fp16
+    pickle_path = tmp_path / "mixed.pkl"
+    pickle_path.write_bytes(dumps_snapshot(split_prefix(tensors, "G."), split_prefix(tensors, "D."),
+                                           conv_clamp=(256, 256), num_fp16_res=(2, 2)))
+    ws = tensors["out.ws.psi1"]
+    expected = {"fp16": torch.float16, "fp32": torch.float32, "auto": torch.float32}
+    for precision, dtype in expected.items():
+        G = convert.load_generator(pickle_path, device="cpu", backend="reference", precision=precision)
+        D = convert.load_discriminator(pickle_path, device="cpu", backend="reference", precision=precision)
+        seen_G = _marked_block_dtypes(G.synthesis, ["b8", "b16", "b32"])
+        seen_D = _marked_block_dtypes(D, ["b32", "b16", "b8"])
+        path = "fp16path" if precision == "fp16" else "fp32path"
+        with torch.no_grad():
+            assert_close(G.synthesis(ws, noise_mode="const"), tensors[f"out.img.const.{path}"], f"{precision} image")
+            assert_close(D(tensors["out.img.const.fp32path"]), tensors[f"out.D.logits.{path}"], f"{precision} logits")
+        assert seen_G == {"b8": torch.float32, "b16": dtype, "b32": dtype}, precision
+        assert seen_D == {"b32": dtype, "b16": dtype, "b8": torch.float32}, precision
+        assert G.precision == D.precision == ("fp32" if precision == "auto" else precision)
+
+
+@pytest.mark.parametrize("loader", ["load_generator", "load_discriminator"])
+def test_unknown_precision_fails_at_load_naming_the_parameter(tmp_path, nvidia_small, loader, clip2gan_home):
+    pickle_path = tmp_path / "net.pkl"
+    pickle_path.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), split_prefix(nvidia_small, "D.")))
+    with pytest.raises(UserInputError, match="`precision` 'fp8'") as caught:
+        getattr(convert, loader)(pickle_path, device="cpu", precision="fp8")
+    assert "auto | fp32 | fp16 | bf16" in caught.value.one_line()
+    assert not (clip2gan_home / "converted").exists(), "refused before any conversion"
+
+
 def test_nvidia_pickle_without_discriminator_gives_a_clear_error_for_D(tmp_path, nvidia_small):
     pickle_path = tmp_path / "generator-only.pkl"
     pickle_path.write_bytes(dumps_snapshot(split_prefix(nvidia_small, "G."), None))

@@ -161,6 +161,7 @@ def test_bad_images(cli_runner, tiny_pack, tmp_path):
     ([], ["no edit given"]),
     (["blue", "--refine-steps", "-1"], ["--refine-steps must be >= 0"]),
     (["blue", "--direction", "pixels"], ["unknown --direction 'pixels'", "text or image"]),
+    (["blue", "--precision", "half"], ["unknown --precision 'half'"]),
     (["blue", "--layers", "2"], ["--layers must be START:STOP"]),
     (["blue", "--layers", "4:2"], ["selects no rows", "6 W+ rows"]),
     (["blue", "--layers", "9:"], ["selects no rows"]),

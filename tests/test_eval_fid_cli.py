@@ -231,6 +231,7 @@ def test_score_clip_separate_from_the_packs_and_r_precision(cli_runner, folders,
     (["--prior", "dream"], "unknown --prior 'dream'"),
     (["--prior", "text"], "--prior only applies with --prompts"),
     (["--features", "vgg"], "unknown --features 'vgg'"),
+    (["--precision", "fp8"], "unknown --precision 'fp8'"),
 ])
 def test_new_flags_bad_values_give_one_line(cli_runner, folders, tiny_pack, extra, message):
     real, fake = folders

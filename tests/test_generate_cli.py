@@ -124,6 +124,7 @@ def test_a_mappers_retrieval_prior_is_the_default_and_prior_text_overrides_it(cl
     (["a red circle", "-n", "0"], ["-n and --batch-size must be at least 1"]),
     (["a red circle", "--format", "gif"], ["unknown --format 'gif'"]),
     (["a red circle", "--prior", "nearest"], ["unknown --prior 'nearest'", "text or retrieval"]),
+    (["a red circle", "--precision", "fp8"], ["unknown --precision 'fp8'", "auto | fp32 | fp16 | bf16"]),
     (["a red circle", "--prior", "retrieval"], ["no image feature bank", "--prior text"]),
 ])
 def test_bad_arguments(cli_runner, tiny_pack, tmp_path, args, fragments):

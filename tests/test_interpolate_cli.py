@@ -103,6 +103,7 @@ def test_mp4_without_an_encoder_fails_before_writing(cli_runner, tiny_pack, tmp_
     (["", "blue"], ["empty prompt"]),
     (["missing.png", "blue"], ["image not found"]),
     (["a red circle", "blue", "--prior", "nearest"], ["unknown --prior 'nearest'"]),
+    (["a red circle", "blue", "--precision", "fp64"], ["unknown --precision 'fp64'"]),
     (["a red circle", "blue", "--prior", "retrieval"], ["no image feature bank"]),
 ])
 def test_bad_arguments(cli_runner, tiny_pack, tmp_path, args, fragments):

@@ -144,6 +144,7 @@ def test_on_the_fly_generation_equals_evaluating_the_written_pngs(tmp_path, tiny
     assert on_the_fly["n_fake"] == from_files["n_fake"] == 6
     assert on_the_fly["fid"] == pytest.approx(from_files["fid"], rel=1e-5, abs=1e-7)
     assert on_the_fly["n_prompts"] == 2 and on_the_fly["images_per_prompt"] == 3
+    assert on_the_fly["generation_precision"] == "fp32"  # auto on the CPU
     assert 0 <= on_the_fly["clip_score"] <= 100
     assert "diversity_lpips" in on_the_fly or "diversity_l1" in on_the_fly
 
@@ -164,6 +165,7 @@ def test_fd_clip_of_a_folder_against_itself_is_zero(tmp_path, tiny_pack_name):
     (dict(fake=None, prompts=Path("p.txt")), "needs `images_per_prompt`"),  # CLI: needs -n
     (dict(images_per_prompt=2), "only applies with `prompts`"),  # CLI: only applies with --prompts
     (dict(features="vgg"), "unknown `features`"),  # CLI: unknown --features
+    (dict(precision="fp8"), "unknown `precision` 'fp8'"),  # CLI: unknown --precision
     (dict(batch_size=0), "`batch_size` must be at least 1"),  # CLI: --batch-size must be at least 1
     (dict(fake=None, prompts=Path("p.txt"), images_per_prompt=0),
      "`images_per_prompt` must be at least 1"),  # CLI: -n must be at least 1

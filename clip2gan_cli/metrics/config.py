@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..device import PRECISION_CHOICES
 from ..errors import UserInputError
 from .feature_spaces import FID_MODES
 
@@ -39,6 +40,7 @@ class EvalConfig:
     inception_weights: Path | None = None       # a local torch-fidelity Inception file instead of the registry's
     device: str = "auto"
     backend: str = "auto"                       # StyleGAN2 kernels for generation
+    precision: str = "auto"                     # the generator's num_fp16_res blocks: auto | fp32 | fp16 | bf16
     batch_size: int = 32
     seed: int = 0                               # generation noise and KID subsets
     cache: bool = True                          # cache real-folder statistics
@@ -95,6 +97,9 @@ def validate_config(config: EvalConfig) -> None:
     if config.fid_mode != "legacy" and config.features == "clip":
         raise UserInputError("`fid_mode` clean applies to inception and dinov2 features; the CLIP space uses "
                              "the CLIP's own preprocessing")
+    if config.precision not in PRECISION_CHOICES:
+        raise UserInputError(f"unknown `precision` '{config.precision}'",
+                             hint=f"expected {' | '.join(PRECISION_CHOICES)}")
     if config.prior is not None and config.prior not in GENERATION_PRIORS:
         raise UserInputError(f"unknown `prior` '{config.prior}'", hint=f"expected {' or '.join(GENERATION_PRIORS)}")
     if config.score_clip is not None and not _is_clip_spec(config.score_clip):

@@ -104,6 +104,7 @@ def _generated_set(config: EvalConfig, prompts: list[str], pack, space, warn: Ca
     report.update({
         "features_tensor": torch.cat(features), "n_prompts": len(prompts), "images_per_prompt": n,
         "generation_prior": config.prior or pack.mapper.config.generation_prior,  # what made the images
+        "generation_precision": pack.precision,  # what the generator's num_fp16_res blocks ran in
         "clip_score": clip_score.mean_clip_score(scores),
         "r_precision": float(torch.cat(hits).float().mean()) if ranked else None,
         "r_precision_chance": 1.0 / len(prompts) if ranked else None,
@@ -216,7 +217,8 @@ def _prepare(config: EvalConfig):
     if config.features == "clip" or config.prompts is not None:
         from ..packs import load_pack
 
-        pack = load_pack(config.pack, device=device, backend=config.backend, need_mapper=config.prompts is not None)
+        pack = load_pack(config.pack, device=device, backend=config.backend, need_mapper=config.prompts is not None,
+                         precision=config.precision)
     return prompts, device, pack
 
 
@@ -228,7 +230,8 @@ def evaluate(config: EvalConfig, warn: Callable[[str], None] = _warn) -> dict:
     `n_real`, `n_fake`, `n_real_skipped`, `n_fake_skipped`, `real_stats_cached`, `seed`, `versions`, and
     where computed `kid_*`, `clip_score`, `r_precision`, `r_precision_chance`, `score_clip*`,
     `diversity_lpips` (or `diversity_l1` with `diversity_note`), `n_prompts`, `images_per_prompt`,
-    `generation_prior`, `stats_file`, `saved_stats`. With `save_stats` and no fake set, only the real side.
+    `generation_prior`, `generation_precision`, `stats_file`, `saved_stats`. With `save_stats` and no fake set,
+    only the real side.
     """
     prompts, device, pack = _prepare(config)
     space = _feature_space(config, pack, device)

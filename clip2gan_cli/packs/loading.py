@@ -33,15 +33,17 @@ def train_command(name: str) -> str:
 
 
 def load_pack(name: str | None = None, device="auto", backend: str = "auto", need_mapper: bool = True,
-              text_only: bool = False) -> Pack:
+              text_only: bool = False, precision: str = "auto") -> Pack:
     """Load pack `name` (default: the builtin `shapes`) onto `device`.
 
     need_mapper=True raises NoMapperError (with the train command) for a pack without a trained
     mapper; training passes False. An unknown name raises UserInputError listing the known packs.
     text_only=True: the caller only encodes text (generate); a custom CLIP may then load just its
-    text tower (clip.load_clip).
+    text tower (clip.load_clip). `precision` is the generator's (and the discriminator's, when
+    loaded): auto | fp32 | fp16 | bf16, as stylegan2.load_generator; CLIP and mapper stay float32.
     """
     from ..device import resolve_device
+    from ..stylegan2.convert import network_precision
     from ..weights import load_registry, resolve_reference
 
     name = name or DEFAULT_PACK
@@ -50,6 +52,7 @@ def load_pack(name: str | None = None, device="auto", backend: str = "auto", nee
         raise UserInputError(f"unknown pack '{name}'", hint=f"known packs: {', '.join(sorted(registry.packs))}")
     entry = registry.pack(name)
     torch_device = resolve_device(device) if not hasattr(device, "type") else device
+    network_precision(precision, torch_device)  # a bad name fails before any file is fetched
     if entry.builtin:
         paths = _builtin_paths(name)
     else:
@@ -72,7 +75,7 @@ def load_pack(name: str | None = None, device="auto", backend: str = "auto", nee
     else:
         clip = load_clip(entry.clip_model, entry.clip_pretrained, weights_path=paths.get("clip_weights"),
                          device=torch_device)
-    pack = _assemble(name, entry, paths, clip, torch_device, backend, need_mapper)
+    pack = _assemble(name, entry, paths, clip, torch_device, backend, need_mapper, precision)
     # Registry files have pinned hashes: no need to re-read hundreds of MB for PNG metadata.
     for role, ref in ({} if entry.builtin else entry.file_references()).items():
         pinned = registry.files[ref].sha256 if ref in registry.files else None
@@ -97,13 +100,15 @@ def _builtin_paths(name: str) -> dict[str, Path]:
     return paths
 
 
-def _assemble(name: str, entry, paths: dict[str, Path], clip, device, backend: str, need_mapper: bool) -> Pack:
+def _assemble(name: str, entry, paths: dict[str, Path], clip, device, backend: str, need_mapper: bool,
+              precision: str) -> Pack:
     """Load generator and mapper, check that they fit the CLIP, and wrap everything in a Pack."""
     from ..device import place_model
     from ..mapper import check_compatible, load_mapper
     from ..stylegan2.convert import load_generator
 
-    generator = load_generator(str(paths["generator"]), device=str(device), backend=backend)  # frozen, eval
+    generator = load_generator(str(paths["generator"]), device=str(device), backend=backend,
+                               precision=precision)  # frozen, eval
     mapper = None
     if "mapper" in paths:
         mapper = place_model(load_mapper(paths["mapper"]), device)
@@ -111,16 +116,19 @@ def _assemble(name: str, entry, paths: dict[str, Path], clip, device, backend: s
     elif need_mapper:
         raise _no_mapper(name)
     return Pack(name=name, generator=generator, clip=clip, mapper=mapper, info=entry, paths=dict(paths),
-                device=device, backend=backend)
+                device=device, backend=backend, precision=generator.precision)
 
 
 def load_models(mapper: str | Path | None = None, generator: str | None = None, clip: str | None = None,
-                device="auto", backend: str = "auto", need_mapper: bool = True, text_only: bool = False) -> Pack:
+                device="auto", backend: str = "auto", need_mapper: bool = True, text_only: bool = False,
+                precision: str = "auto") -> Pack:
     """Models from explicit flags: --mapper FILE, --generator SRC (registry name or file), --clip MODEL:TAG.
 
     All three are needed (the generator and CLIP of a run directory are not recorded next to its mapper).
+    `precision` as in `load_pack`.
     """
     from ..device import resolve_device
+    from ..stylegan2.convert import network_precision
     from ..weights import resolve_reference
 
     missing = [f"`{name}`" for name, value in (("generator", generator), ("clip", clip)) if not value]
@@ -130,6 +138,7 @@ def load_models(mapper: str | Path | None = None, generator: str | None = None, 
         raise UserInputError(f"{', '.join(missing)} missing", hint="give `mapper`, `generator` and `clip` together, "
                                                                    "or use `pack` NAME")
     torch_device = resolve_device(device) if not hasattr(device, "type") else device
+    network_precision(precision, torch_device)  # a bad name fails before any file is read
     paths: dict[str, Path] = {}
     if mapper:
         mapper_path = Path(mapper).expanduser()
@@ -140,16 +149,18 @@ def load_models(mapper: str | Path | None = None, generator: str | None = None, 
     paths["generator"] = generator_path if generator_path.is_file() else resolve_reference(generator)
     clip_model, clip_paths = load_clip_spec(clip, torch_device, text_only)
     paths.update(clip_paths)
-    return _assemble("custom", None, paths, clip_model, torch_device, backend, need_mapper)
+    return _assemble("custom", None, paths, clip_model, torch_device, backend, need_mapper, precision)
 
 
 def select_models(pack: str | None = None, mapper: str | Path | None = None, generator: str | None = None,
                   clip: str | None = None, device="auto", backend: str = "auto", need_mapper: bool = True,
-                  text_only: bool = False) -> Pack:
-    """--pack NAME, or --mapper/--generator/--clip (not both); neither: the default pack."""
+                  text_only: bool = False, precision: str = "auto") -> Pack:
+    """--pack NAME, or --mapper/--generator/--clip (not both); neither: the default pack. `precision` as in
+    `load_pack`."""
     if any((mapper, generator, clip)):
         if pack:
             raise UserInputError("give either `pack` or `mapper`/`generator`/`clip`, not both")
         return load_models(mapper=mapper, generator=generator, clip=clip, device=device, backend=backend,
-                           need_mapper=need_mapper, text_only=text_only)
-    return load_pack(pack, device=device, backend=backend, need_mapper=need_mapper, text_only=text_only)
+                           need_mapper=need_mapper, text_only=text_only, precision=precision)
+    return load_pack(pack, device=device, backend=backend, need_mapper=need_mapper, text_only=text_only,
+                     precision=precision)

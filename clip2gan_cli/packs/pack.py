@@ -21,6 +21,7 @@ class Pack:
     paths: dict[str, Path] = field(default_factory=dict)  # role -> local file
     device: Any = None                 # torch.device the models are on
     backend: str = "auto"
+    precision: str = "auto"            # the StyleGAN2 networks' (resolved at load: fp32 | fp16 | bf16)
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -36,13 +37,15 @@ class Pack:
         return dict(sorted(self._hashes.items()))
 
     def load_discriminator(self):
-        """The pack's StyleGAN2 discriminator (trainable=False; the trainer re-enables grads), or None."""
+        """The pack's StyleGAN2 discriminator (trainable=False; the trainer re-enables grads), or None; its
+        num_fp16_res blocks run in the pack's precision."""
         path = self.paths.get("discriminator")
         if path is None:
             return None
         from ..stylegan2.convert import load_discriminator
 
-        return load_discriminator(str(path), device=str(self.device or "auto"), backend=self.backend)
+        return load_discriminator(str(path), device=str(self.device or "auto"), backend=self.backend,
+                                  precision=self.precision)
 
     def load_identity(self):
         """facenet-pytorch InceptionResnetV1 with the pack's vggface2 weights (frozen), or None."""

@@ -66,6 +66,7 @@ class ModelSpec:
     clip: str | None = None
     device: str = "auto"
     backend: str = "auto"
+    precision: str = "auto"
 
     def cli_args(self) -> list[str]:
         args: list[str] = []
@@ -79,6 +80,8 @@ class ModelSpec:
             args += ["--device", self.device]
         if self.backend != "auto":
             args += ["--backend", self.backend]
+        if self.precision != "auto":
+            args += ["--precision", self.precision]
         return args
 
 
@@ -126,7 +129,7 @@ class ServeApp:
 
     # --- model info ---
     def model_info(self) -> dict[str, Any]:
-        """Pack, file hashes, device, backend, and the mapper's defaults (the page's initial values)."""
+        """Pack, file hashes, device, backend, precision, and the mapper's defaults (the page's initial values)."""
         from .. import __version__, imageio
         from ..mapper import EDIT_DIRECTIONS, GENERATION_PRIORS
 
@@ -136,7 +139,7 @@ class ServeApp:
         layers = defaults["layers"]
         return {
             "pack": self.models.name, "version": __version__, "hashes": self.models.file_hashes(),
-            "device": str(self.models.device), "backend": self.models.backend,
+            "device": str(self.models.device), "backend": self.models.backend, "precision": self.models.precision,
             "resolution": int(generator.img_resolution), "num_ws": int(generator.num_ws),
             "face_pack": self.models.is_face_pack, "mp4": imageio.mp4_encoder(),
             "priors": list(GENERATION_PRIORS), "prior": config.generation_prior,

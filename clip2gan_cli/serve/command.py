@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..device import DEVICE_CHOICES
+from ..device import DEVICE_CHOICES, PRECISION_CHOICES
 
 
 def serve_command(
@@ -18,6 +18,8 @@ def serve_command(
     port: int = typer.Option(7860, "--port", help="Port to listen on."),
     device: str = typer.Option("auto", "--device", help=f"Where models run: {DEVICE_CHOICES}."),
     backend: str = typer.Option("auto", "--backend", help="StyleGAN2 kernels: auto | fused | reference."),
+    precision: str = typer.Option("auto", "--precision", metavar="|".join(PRECISION_CHOICES),
+                                  help="What the generator's float16-marked blocks run in (as for generate)."),
 ) -> None:
     """Serve a local web page to generate, edit (live beta sliders) and interpolate; Ctrl-C stops it."""
     import shutil
@@ -30,12 +32,15 @@ def serve_command(
 
     if not 0 <= port <= 65535:
         raise UserInputError(f"--port must be between 0 and 65535, got {port}")
+    precision = precision.lower()
+    if precision not in PRECISION_CHOICES:
+        raise UserInputError(f"unknown --precision '{precision}'", hint=f"expected {' | '.join(PRECISION_CHOICES)}")
     server = make_server(None, host, port)  # a taken port fails before any model loads
     workdir = make_workdir()
     try:
-        models = select_models(pack, mapper, generator, clip, resolve_device(device), backend)
+        models = select_models(pack, mapper, generator, clip, resolve_device(device), backend, precision=precision)
         spec = ModelSpec(pack=pack, mapper=str(mapper) if mapper else None, generator=generator, clip=clip,
-                         device=device, backend=backend)
+                         device=device, backend=backend, precision=precision)
         server.app = ServeApp(models=models, spec=spec, workdir=workdir)
         bound_host, bound_port = server.server_address[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host

@@ -1,7 +1,7 @@
 """The architecture of a StyleGAN2 network, read from its NVIDIA-named tensors' names and shapes.
 
-Only settings that change no shape (conv_clamp, minibatch-std group size, mapping lr multiplier)
-are arguments; the file's recorded attributes supply them, else NVIDIA's defaults below.
+Only settings that change no shape (conv_clamp, num_fp16_res, minibatch-std group size, mapping lr
+multiplier) are arguments; the file's recorded attributes supply them, else NVIDIA's defaults below.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _channel_fields(channels: dict[int, int]) -> dict[str, Any]:
 
 
 def infer_generator_config(state_dict: Mapping[str, torch.Tensor], *, conv_clamp: float | None = None,
-                           mapping_lr_mul: float = DEFAULT_MAPPING_LR_MUL,
+                           num_fp16_res: int = 0, mapping_lr_mul: float = DEFAULT_MAPPING_LR_MUL,
                            w_avg_beta: float = 0.995) -> GeneratorConfig:
     """The GeneratorConfig of an NVIDIA-named state dict, read from its tensor names and shapes.
 
@@ -97,18 +97,21 @@ def infer_generator_config(state_dict: Mapping[str, torch.Tensor], *, conv_clamp
     try:
         return GeneratorConfig(img_resolution=img_resolution, z_dim=z_dim, w_dim=w_dim, img_channels=img_channels,
                                mapping_layers=len(fc_indices), mapping_lr_mul=float(mapping_lr_mul),
-                               w_avg_beta=float(w_avg_beta), conv_clamp=conv_clamp, use_noise=use_noise,
+                               w_avg_beta=float(w_avg_beta), conv_clamp=conv_clamp, num_fp16_res=num_fp16_res,
+                               use_noise=use_noise,
                                **_channel_fields(channels))
     except UserInputError as error:
         raise CheckpointError(f"{what}: {error}") from None
 
 
 def infer_discriminator_config(state_dict: Mapping[str, torch.Tensor], *, conv_clamp: float | None = None,
+                               num_fp16_res: int = 0,
                                mbstd_group_size: int | None = DEFAULT_MBSTD_GROUP_SIZE) -> DiscriminatorConfig:
     """The DiscriminatorConfig of an NVIDIA-named state dict, read from its tensor names and shapes.
 
     Resolution from `b{R}.fromrgb`, channels from the block weights, minibatch-std channels from
-    `b4.conv.weight`. The minibatch-std group size changes no shape and is an argument.
+    `b4.conv.weight`. The minibatch-std group size, conv_clamp and num_fp16_res change no shape and are
+    arguments.
     """
     what = "discriminator checkpoint"
     if any(key.startswith("mapping.") for key in state_dict):
@@ -135,7 +138,8 @@ def infer_discriminator_config(state_dict: Mapping[str, torch.Tensor], *, conv_c
     img_channels = _shape(state_dict, f"b{img_resolution}.fromrgb.weight", what)[1]
     try:
         return DiscriminatorConfig(img_resolution=img_resolution, img_channels=img_channels, conv_clamp=conv_clamp,
-                                   mbstd_group_size=mbstd_group_size, mbstd_num_channels=mbstd_num_channels,
+                                   num_fp16_res=num_fp16_res, mbstd_group_size=mbstd_group_size,
+                                   mbstd_num_channels=mbstd_num_channels,
                                    **_channel_fields(channels))
     except UserInputError as error:
         raise CheckpointError(f"{what}: {error}") from None

@@ -128,6 +128,14 @@ def _recorded_number(node: PersistentObject | None, attribute: str, default: Any
     return value
 
 
+def _recorded_fp16_res(node: PersistentObject, what: str, *paths: str) -> int:
+    """NVIDIA's num_fp16_res from the recorded constructor kwargs (0, all float32, when absent), validated."""
+    value = _init_kwarg(node, *paths, default=0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{what}: recorded num_fp16_res={value!r} is not an integer >= 0")
+    return value
+
+
 def _init_kwarg(node: PersistentObject, *paths: str, default: Any = None) -> Any:
     """The first of `paths` ('synthesis_kwargs.conv_clamp', ...) found in the recorded constructor kwargs."""
     kwargs = node.attribute("_init_kwargs")
@@ -156,6 +164,7 @@ def _nvidia_generator(node: PersistentObject, network_name: str, source: str) ->
     config = infer_generator_config(
         state_dict,
         conv_clamp=_recorded_number(node.find("synthesis.b4.conv1"), "conv_clamp", recorded_clamp, what),
+        num_fp16_res=_recorded_fp16_res(node, what, "synthesis_kwargs.num_fp16_res", "num_fp16_res"),
         mapping_lr_mul=_recorded_number(node.find("mapping.fc0"), "bias_gain", recorded_lr_mul, what,
                                         allow_none=False),
         w_avg_beta=_recorded_number(node.find("mapping"), "w_avg_beta", 0.995, what, allow_none=False))
@@ -176,7 +185,8 @@ def _nvidia_discriminator(node: PersistentObject, source: str) -> ImportedNetwor
     recorded_group = _init_kwarg(node, "epilogue_kwargs.mbstd_group_size", default=DEFAULT_MBSTD_GROUP_SIZE)
     group_size = _recorded_number(node.find("b4.mbstd"), "group_size", recorded_group, what, integer=True)
     conv_clamp = _recorded_number(node.find("b4.conv"), "conv_clamp", _init_kwarg(node, "conv_clamp"), what)
-    config = infer_discriminator_config(state_dict, conv_clamp=conv_clamp, mbstd_group_size=group_size)
+    config = infer_discriminator_config(state_dict, conv_clamp=conv_clamp, mbstd_group_size=group_size,
+                                        num_fp16_res=_recorded_fp16_res(node, what, "num_fp16_res"))
     metadata = {"source_network": "D", "init_kwargs": json.dumps(plain_data(node.attribute("_init_kwargs", {}))),
                 "source_format": "nvidia-pkl"}
     return ImportedNetwork("discriminator", state_dict, config, metadata)

@@ -28,7 +28,7 @@ from .keymap import (rosinality_discriminator_key, rosinality_generator_key, ros
                      rosinality_to_nvidia_generator)
 from .networks import Discriminator, Generator, load_state_dict_strict
 
-CONVERTER_VERSION = "1"  # bump when conversion output changes, so cached files are redone
+CONVERTER_VERSION = "2"  # bump when conversion output changes, so cached files are redone (2: num_fp16_res)
 
 # rosinality's generate.py estimates the truncation centre as the mean of 4096 mapped z.
 LATENT_AVG_SAMPLES = 4096
@@ -198,10 +198,26 @@ def _resolve_source(source: str | os.PathLike) -> Path:
     return fetch(text)
 
 
-def _load_network(source: str | os.PathLike, kind: str, device: str, backend: str) -> torch.nn.Module:
+def network_precision(precision: str | None, device: torch.device) -> str:
+    """'fp32', 'fp16' or 'bf16': what `precision` ('auto' or a name) means for a network on `device`.
+
+    device.resolve_precision decides what 'auto' is; a name outside device.PRECISION_CHOICES is a
+    UserInputError naming the parameter.
+    """
+    from ..device import PRECISION_CHOICES, resolve_precision
+
+    name = str(precision or "auto").strip().lower()
+    if name not in PRECISION_CHOICES:
+        raise UserInputError(f"unknown `precision` '{precision}'", hint=f"expected {' | '.join(PRECISION_CHOICES)}")
+    return resolve_precision(name, device)
+
+
+def _load_network(source: str | os.PathLike, kind: str, device: str, backend: str,
+                  precision: str | None) -> torch.nn.Module:
     from ..device import place_model, resolve_device
 
-    target_device = resolve_device(device)  # fail fast on a bad device before any heavy work
+    target_device = resolve_device(device)  # fail fast on a bad device or precision before any heavy work
+    resolved_precision = network_precision(precision, target_device)
     path = _resolve_source(source)
     if sniff_format(path) != "safetensors":  # NVIDIA / rosinality files are converted once, then read back
         generator_path = convert_checkpoint(path)
@@ -214,29 +230,36 @@ def _load_network(source: str | os.PathLike, kind: str, device: str, backend: st
         other = "a discriminator" if kind == "generator" else "a generator"
         raise CheckpointError(f"{path.name} holds {other}, not a {kind}")
     module = _build(network, backend, path.name)
+    module.set_precision(resolved_precision)
     return place_model(module, target_device)
 
 
-def load_generator(source: str | os.PathLike, device: str = "auto", backend: str = "auto") -> Generator:
+def load_generator(source: str | os.PathLike, device: str = "auto", backend: str = "auto",
+                   precision: str = "auto") -> Generator:
     """A frozen, eval-mode StyleGAN2 Generator from a registry name, an NVIDIA `.pkl`, a rosinality
     `.pt`, or a project `.safetensors` (config JSON inside or beside it).
 
     The architecture is read from the checkpoint's tensors; nothing inside the file is executed.
-    Raises UserInputError for a missing file, UnsafeCheckpointError for a file that asks to run
-    code, CheckpointError for an unreadable or unsupported one.
+    `precision` ("auto" | "fp32" | "fp16" | "bf16") is what the checkpoint's num_fp16_res blocks run
+    in, resolved for the device now (auto: float16 on CUDA, float32 on CPU and MPS; `G.precision`
+    tells which); weights, styles and the image stay float32.
+    Raises UserInputError for a missing file or an unknown precision, UnsafeCheckpointError for a
+    file that asks to run code, CheckpointError for an unreadable or unsupported one.
     """
-    return _load_network(source, "generator", device, backend)
+    return _load_network(source, "generator", device, backend, precision)
 
 
-def load_discriminator(source: str | os.PathLike, device: str = "auto", backend: str = "auto") -> Discriminator:
-    """A frozen, eval-mode StyleGAN2 Discriminator from the same kinds of source as `load_generator`."""
-    return _load_network(source, "discriminator", device, backend)
+def load_discriminator(source: str | os.PathLike, device: str = "auto", backend: str = "auto",
+                       precision: str = "auto") -> Discriminator:
+    """A frozen, eval-mode StyleGAN2 Discriminator from the same kinds of source as `load_generator`;
+    `precision` as there, for its num_fp16_res highest-resolution blocks."""
+    return _load_network(source, "discriminator", device, backend, precision)
 
 
 __all__ = [
     "CONVERTER_VERSION", "DISCRIMINATOR_FORMAT", "GENERATOR_FORMAT", "ImportedCheckpoint", "ImportedNetwork",
     "convert_checkpoint", "converted_paths", "discriminator_path", "estimate_w_avg", "infer_discriminator_config",
-    "infer_generator_config", "load_discriminator", "load_generator", "read_checkpoint",
+    "infer_generator_config", "load_discriminator", "load_generator", "network_precision", "read_checkpoint",
     "rosinality_discriminator_key", "rosinality_generator_key", "rosinality_to_nvidia_discriminator",
     "rosinality_to_nvidia_generator", "save_discriminator", "save_generator", "sniff_format",
 ]
