@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One command for any CUDA machine, from a fresh clone (about 6 minutes on one H100):
+# One command for any CUDA machine, from a fresh clone (about 6-8 minutes on one H100, most of it first-use Triton compiles):
 #   1. environment: the active Python when it already holds torch (GPU machines often bring their own
 #      and no package index); the project's other dependencies are installed from a wheel folder
 #      (pip install --no-index --find-links DIR, filled on a connected machine by bench/prepare_wheels.sh)
 #      into a venv that sees that torch (--system-site-packages), only when something is missing;
-#   2. the CUDA tests (pytest -m cuda);
+#   2. the CUDA tests (pytest -m cuda) and the Triton kernel tests, compiled for this GPU;
 #   3. ONE table (bench/gpu_table.py): synthesis images/s at 256 and 1024 px, batch 1/8/32, every
 #      backend x fp32/fp16/bf16 with peak memory and max deviation from the float32 reference, the
 #      `auto` choices, and a 1024 px training step (s/step, GB per sample) with and without checkpointing.
@@ -75,6 +75,8 @@ fi
 STATUS=0
 echo "=== CUDA tests"
 timeout 90 "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider tests/ || STATUS=1
+echo "=== Triton kernels compiled for this GPU vs the reference (forward, gradients, fp32/fp16)"
+timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py || STATUS=1
 echo "=== table"
 timeout 270 "$PYTHON" bench/gpu_table.py --device cuda || STATUS=1
 echo "gpu_check: $([ $STATUS -eq 0 ] && echo PASS || echo FAIL)"
