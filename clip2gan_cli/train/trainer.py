@@ -312,11 +312,13 @@ def critic_step(state: TrainState, config: TrainConfig, stream: Iterator[torch.T
                 fake = state.generator.synthesis(state.mapper(state.clip.encode_image(real)), noise_mode="const")
             mix = step_generator(config.seed, STREAM_GP, (step * config.d_steps_per_m_step + critic_index)
                                  * config.grad_accum + micro, dist_ctx.rank)
-            d_loss, parts = L.critic_loss(discriminator, real, fake, config.gp_weight, mix)
-            (d_loss / config.grad_accum).backward()
+            # the WGAN term's graph is freed before the penalty's double-backward graph is built
+            d_loss, parts = L.critic_backward(discriminator, real, fake, config.gp_weight, mix,
+                                              accumulation=config.grad_accum)
+            del real, fake
         all_reduce_gradients(discriminator, dist_ctx)
         state.opt_d.step()
-    return {"d_loss": d_loss.detach(), **parts}
+    return {"d_loss": d_loss, **parts}
 
 
 def mapper_gradients(state: TrainState, config: TrainConfig, stream: Iterator[torch.Tensor], step: int,
@@ -335,9 +337,10 @@ def mapper_gradients(state: TrainState, config: TrainConfig, stream: Iterator[to
                                   state.perceptual, state.discriminator, state.identity)
             total = sum(LOSS_WEIGHTS[name](config) * value for name, value in parts.items())
             state.scaler.scale(total / config.grad_accum).backward()
+            parts, total = {name: value.detach() for name, value in parts.items()}, total.detach()  # no graph kept
     if state.discriminator is not None:
         state.discriminator.requires_grad_(True)
-    return reduce_for_logging({**parts, "total": total.detach(), **critic_values}, dist_ctx)
+    return reduce_for_logging({**parts, "total": total, **critic_values}, dist_ctx)
 
 
 def stop_if_not_finite(values: dict[str, float], step_number: int, run_dir: Path) -> None:
