@@ -8,7 +8,7 @@ Full size (`--mode memory`, the default at --resolution >= 512): a config-f gene
 discriminator at that resolution, ViT-B-16 CLIP, random weights, the default losses (LPIPS on its
 random-trunk backbone, no identity net), one training step at batch 1 and at batch 2, each in a fresh
 process, with and without activation checkpointing of the synthesis and discriminator blocks
-(`checkpoint_blocks`, set on the networks handed to run_training). It prints seconds per step and
+(the config's `checkpoint_blocks`, which the trainer applies to G and D). It prints seconds per step and
 peak memory (RSS on the CPU, torch.cuda.max_memory_allocated on CUDA) per batch size and their
 difference: the memory each additional sample costs.
 
@@ -65,8 +65,8 @@ ROWS = [  # (label, config overrides): each loss on its own, then all five
 ]
 
 
-def full_size_models(resolution: int, checkpointing: bool, seed: int = 0):
-    """Config-f G and D at `resolution` and a ViT-B-16 CLIP, random weights; block checkpointing on or off."""
+def full_size_models(resolution: int, seed: int = 0):
+    """Config-f G and D at `resolution` and a ViT-B-16 CLIP, random weights."""
     import torch
 
     from clip2gan_cli.clip import load_clip
@@ -74,9 +74,6 @@ def full_size_models(resolution: int, checkpointing: bool, seed: int = 0):
 
     generator = build_generator(resolution, seed=seed)
     discriminator = build_discriminator(resolution, seed=seed + 1)
-    # The switch the trainer's config key turns on: recompute each block in backward.
-    generator.synthesis.checkpoint_blocks = checkpointing
-    discriminator.checkpoint_blocks = checkpointing
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip = load_clip("ViT-B-16", pretrained=None, device="cpu")
@@ -103,10 +100,10 @@ def one_full_size_run(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    generator, clip, discriminator = full_size_models(args.resolution, args.checkpointing == "on")
+    generator, clip, discriminator = full_size_models(args.resolution)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, device=args.device, num_workers=0,
                          log_every=1, sample_every=10 ** 9, checkpoint_every=10 ** 9, num_sample_images=0,
-                         lpips_backbone="random", identity="off")
+                         lpips_backbone="random", identity="off", checkpoint_blocks=args.checkpointing)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:

@@ -425,7 +425,7 @@ def train_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config as TOML and exit."),
     export_pack: Optional[str] = typer.Option(None, "--export-pack", help="Register the result as local pack NAME."),
     device: Optional[str] = typer.Option(None, "--device", help=f"Where to train: {DEVICE_CHOICES} (config default auto)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 autocast (config default fp32)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | fp16 | bf16: G's and D's mixed precision (config default fp32)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="StyleGAN2 ops: auto | eager | triton | reference (fused: old name of eager)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:

@@ -408,17 +408,15 @@ def test_tensorboard_events_are_written_when_tensorboard_is_importable(tmp_path,
 
 
 def test_an_enabled_gradient_scaler_trains_the_same_weights_and_resumes_with_its_state(tmp_path, frozen, monkeypatch):
-    """fp16's scaler path on the CPU (fp16 autocast itself needs CUDA): loss scaling by a power of two is
-    exact, so the mapper equals the unscaled run's; the scaler's state is checkpointed and restored."""
-    from contextlib import nullcontext
-
+    """fp16's scaler path with float32 blocks: loss scaling by a power of two is exact, so the mapper
+    equals the unscaled run's; the scaler's state is checkpointed and restored."""
     from clip2gan_cli.train import trainer
 
     config = tiny_config(steps=2, checkpoint_every=1)
     run_training(config, tmp_path / "plain", models=models_for(frozen), progress=False)
     assert load_latest_checkpoint(tmp_path / "plain")["scaler"] is None  # fp32: nothing to save
     monkeypatch.setattr(trainer, "precision",
-                        lambda name, device: (nullcontext(), torch.amp.GradScaler("cpu", enabled=True)))
+                        lambda name, device: ("fp32", torch.amp.GradScaler("cpu", enabled=True)))
     run_training(config, tmp_path / "scaled", models=models_for(frozen), progress=False)
     assert (tmp_path / "scaled" / "mapper.safetensors").read_bytes() == \
         (tmp_path / "plain" / "mapper.safetensors").read_bytes()

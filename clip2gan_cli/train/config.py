@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import tomlio
+from ..device import PRECISION_CHOICES
 from ..errors import UserInputError
 
 DIV_MODES = ("multiplicative", "additive")
@@ -20,6 +21,9 @@ LPIPS_NETS = ("alex", "vgg", "none")
 LPIPS_BACKBONES = ("registry", "random")
 IDENTITY_CHOICES = ("auto", "on", "off")
 LR_SCHEDULES = ("constant", "cosine")
+CHECKPOINT_BLOCKS_CHOICES = ("auto", "on", "off")
+# `checkpoint_blocks = "auto"` checkpoints from this resolution up: there it costs < 35 % step time (docs/training.md).
+CHECKPOINT_BLOCKS_AUTO_RESOLUTION = 512
 
 
 def learning_rate(config: "TrainConfig", step: int) -> float:
@@ -27,6 +31,13 @@ def learning_rate(config: "TrainConfig", step: int) -> float:
     if config.lr_schedule == "cosine":
         return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
     return config.lr
+
+
+def checkpointing_enabled(setting: str, resolution: int) -> bool:
+    """Whether `checkpoint_blocks` ("auto" | "on" | "off") checkpoints the blocks of a `resolution`-px G and D."""
+    if setting == "auto":
+        return resolution >= CHECKPOINT_BLOCKS_AUTO_RESOLUTION
+    return setting == "on"
 
 
 @dataclass
@@ -125,8 +136,12 @@ class TrainConfig:
     identity: str = "auto"
 
     # --- engine -------------------------------------------------------------------------------
-    # Mixed precision: fp32 default (exact and reproducible); bf16/fp16 autocast on CUDA.
+    # What G's and D's num_fp16_res blocks run in (NVIDIA's mixed precision; the mapper, its optimiser and
+    # the losses stay float32): fp32 default (exact and reproducible); "auto" = device.resolve_precision
+    # (fp16 on CUDA, fp32 elsewhere); fp16 turns on the gradient scaler.
     precision: str = "fp32"
+    # Recompute G's and D's activation-heavy blocks in backward: "auto" = on at >= 512 px (< 35 % step time there).
+    checkpoint_blocks: str = "auto"
     # torch.compile the mapper (worth it only on long GPU runs; compile time is minutes).
     compile: bool = False
     # Seed for every random draw (data order, synthetic z, noise, D init, GP mixing).
@@ -183,8 +198,8 @@ class TrainConfig:
         if not 0.0 < self.synthetic_truncation <= 2.0:
             raise UserInputError(f"config: synthetic_truncation must be in (0, 2], got {self.synthetic_truncation}")
         choices = {"div_mode": DIV_MODES, "lpips_net": LPIPS_NETS, "lpips_backbone": LPIPS_BACKBONES,
-                   "identity": IDENTITY_CHOICES, "precision": ("fp32", "fp16", "bf16"),
-                   "lr_schedule": LR_SCHEDULES}
+                   "identity": IDENTITY_CHOICES, "precision": PRECISION_CHOICES,
+                   "lr_schedule": LR_SCHEDULES, "checkpoint_blocks": CHECKPOINT_BLOCKS_CHOICES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"config: {name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")

@@ -112,23 +112,52 @@ def build_perceptual_loss(net: str, backbone: str, seed: int = 0) -> PerceptualL
 
 def critic_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, gp_weight: float,
                 mix_generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """WGAN-GP critic loss: D(fake) - D(real) + gp_weight * (||grad D(x_hat)|| - 1)^2.
+    """WGAN-GP critic loss: D(fake) - D(real) + gp_weight * (||grad D(x_hat)|| - 1)^2, as one graph.
 
     x_hat mixes real and fake with a per-sample uniform weight drawn from `mix_generator` (CPU).
     `fake` is detached here: the critic step never trains the mapper.
     Returns the loss and its parts (wasserstein estimate, penalty) for logging.
     """
-    real = real.detach().float()
-    fake = fake.detach().float()
-    score_real = discriminator(real).float().mean()
-    score_fake = discriminator(fake).float().mean()
+    score_real, score_fake = critic_scores(discriminator, real, fake)
+    penalty = gradient_penalty(discriminator, real, fake, mix_generator)
+    loss = score_fake - score_real + gp_weight * penalty
+    return loss, {"d_wasserstein": (score_real - score_fake).detach(), "d_gp": penalty.detach()}
+
+
+def critic_backward(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, gp_weight: float,
+                    mix_generator: torch.Generator | None = None,
+                    accumulation: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Backward of `critic_loss(...) / accumulation` into D's gradients, the two terms one after the other, so the
+    WGAN term's graph is freed before the penalty's double-backward graph is built (the peak holds one).
+
+    Same math as `critic_loss` (gradients accumulate; the sum's order differs only by float rounding);
+    returns the same detached loss and parts.
+    """
+    score_real, score_fake = critic_scores(discriminator, real, fake)
+    ((score_fake - score_real) / accumulation).backward()
+    penalty = gradient_penalty(discriminator, real, fake, mix_generator)
+    (gp_weight * penalty / accumulation).backward()
+    score_real, score_fake, penalty = score_real.detach(), score_fake.detach(), penalty.detach()
+    return score_fake - score_real + gp_weight * penalty, {"d_wasserstein": score_real - score_fake, "d_gp": penalty}
+
+
+def critic_scores(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean D(real) and mean D(fake) (both detached from whatever made them)."""
+    score_real = discriminator(real.detach().float()).float().mean()
+    score_fake = discriminator(fake.detach().float()).float().mean()
+    return score_real, score_fake
+
+
+def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                     mix_generator: torch.Generator | None = None) -> torch.Tensor:
+    """WGAN-GP's mean (||grad D(x_hat)|| - 1)^2 with x_hat = alpha * real + (1 - alpha) * fake, alpha ~ U(0, 1)
+    per sample from `mix_generator` (CPU); differentiable in D's parameters (double backward)."""
+    real, fake = real.detach().float(), fake.detach().float()
     alpha = torch.rand(real.shape[0], 1, 1, 1, generator=mix_generator).to(real.device)
     mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     score_mixed = discriminator(mixed).float()
     (gradients,) = torch.autograd.grad(score_mixed.sum(), mixed, create_graph=True)
-    penalty = ((gradients.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
-    loss = score_fake - score_real + gp_weight * penalty
-    return loss, {"d_wasserstein": (score_real - score_fake).detach(), "d_gp": penalty.detach()}
+    return ((gradients.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
 def adversarial_loss(discriminator: nn.Module, fake: torch.Tensor) -> torch.Tensor:

@@ -24,19 +24,19 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
-from ..device import place_model, resolve_dtype, seed_everything
+from ..device import place_model, resolve_precision, seed_everything
 from ..errors import CheckpointError, TrainingError, UserInputError, first_line
 from ..fileutil import atomic_write_text
 from ..mapper import Mapper, perturb_clip_features
 from . import losses as L
 from .checkpoints import (check_resume_compatible, check_run_dir, load_latest_checkpoint, prepare_run_dir,
                           restore_rng_state, save_checkpoint)
-from .config import TrainConfig, learning_rate
+from .config import TrainConfig, checkpointing_enabled, learning_rate
 from .data import STREAM_GP, STREAM_NOISE, SyntheticSource, TrainingBatches, build_batches, step_generator
 from .distributed import (DistributedContext, all_reduce_gradients, barrier, broadcast_parameters,
                           close_distributed, device_for, init_distributed, reduce_for_logging, wrap_data_parallel)
@@ -71,7 +71,6 @@ class TrainState:
     mapper_ema: Mapper                        # its EMA (what is saved)
     opt_m: torch.optim.Optimizer
     scaler: torch.amp.GradScaler              # enabled for fp16 only; a no-op otherwise
-    autocast: Any                             # context of the forward passes (autocast or nullcontext)
     discriminator: nn.Module | None = None    # the critic (lambda_adv > 0)
     opt_d: torch.optim.Optimizer | None = None
     identity: nn.Module | None = None         # L_id module
@@ -99,12 +98,12 @@ def run_training(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
     dist_ctx = init_distributed(config.device)
     try:
         device = device_for(config.device, dist_ctx)
-        autocast, scaler = precision(config.precision, device)
+        block_precision, scaler = precision(config.precision, device)
         if dist_ctx.is_main:
             check_run_dir(run_dir, resume)  # before minutes of model loading
         barrier(dist_ctx)
         models = models or build_models(config, device)
-        state = setup(config, models, device, autocast, scaler)
+        state = setup(config, models, device, block_precision, scaler)
         if resume:
             resume_from_checkpoint(state, config, run_dir, dist_ctx, log)
         if dist_ctx.is_main:
@@ -174,17 +173,30 @@ def train_loop(state: TrainState, config: TrainConfig, run_dir: Path, device: to
 # Set-up and resume
 # --------------------------------------------------------------------------------------------
 
-def precision(name: str, device: torch.device) -> tuple[Any, torch.amp.GradScaler]:
-    """The autocast context and gradient scaler of fp32 / bf16 / fp16 (the scaler is enabled for fp16 only)."""
-    amp_dtype = resolve_dtype(name, device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-    return autocast, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+def precision(name: str, device: torch.device) -> tuple[str, torch.amp.GradScaler]:
+    """What G's and D's marked blocks run in ("fp32" | "fp16" | "bf16"; "auto" decided by
+    device.resolve_precision) and the gradient scaler of the mapper's loss (enabled for fp16 only)."""
+    block_precision = resolve_precision(name, device)
+    return block_precision, torch.amp.GradScaler(device.type, enabled=block_precision == "fp16")
 
 
-def setup(config: TrainConfig, models: TrainModels, device: torch.device, autocast,
+def prepare_networks(generator: nn.Module, discriminator: nn.Module | None, config: TrainConfig,
+                     block_precision: str) -> None:
+    """NVIDIA's mixed precision (the num_fp16_res blocks in `block_precision`, all else float32) and
+    `checkpoint_blocks` on the placed G (synthesis) and critic."""
+    checkpointed = checkpointing_enabled(config.checkpoint_blocks, int(generator.img_resolution))
+    generator.set_precision(block_precision)
+    generator.synthesis.checkpoint_blocks = checkpointed
+    if discriminator is not None:
+        discriminator.set_precision(block_precision)
+        discriminator.checkpoint_blocks = checkpointed
+
+
+def setup(config: TrainConfig, models: TrainModels, device: torch.device, block_precision: str,
           scaler: torch.amp.GradScaler) -> TrainState:
     """Frozen networks on `device`, the loss modules, and the trainable mapper (+ EMA) and critic with
-    their optimisers, seeded so every rank starts equal."""
+    their optimisers, seeded so every rank starts equal; weights float32, G's and D's marked blocks in
+    `block_precision`."""
     generator = place_model(models.generator, device)
     clip = place_model(models.clip, device)
     identity = None
@@ -213,9 +225,9 @@ def setup(config: TrainConfig, models: TrainModels, device: torch.device, autoca
         discriminator = place_model(discriminator, device, dtype=torch.float32, trainable=True).train()
         discriminator.requires_grad_(True)
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.d_lr, betas=(config.d_beta1, config.d_beta2))
+    prepare_networks(generator, discriminator, config, block_precision)
     opt_m = torch.optim.Adam(mapper.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
-    return TrainState(generator, clip, mapper, mapper_ema, opt_m, scaler, autocast, discriminator, opt_d,
-                      identity, perceptual)
+    return TrainState(generator, clip, mapper, mapper_ema, opt_m, scaler, discriminator, opt_d, identity, perceptual)
 
 
 def resume_from_checkpoint(state: TrainState, config: TrainConfig, run_dir: Path, dist_ctx: DistributedContext,
@@ -296,15 +308,17 @@ def critic_step(state: TrainState, config: TrainConfig, stream: Iterator[torch.T
         state.opt_d.zero_grad(set_to_none=True)
         for micro in range(config.grad_accum):
             real = next(stream)
-            with torch.no_grad(), state.autocast:
+            with torch.no_grad():
                 fake = state.generator.synthesis(state.mapper(state.clip.encode_image(real)), noise_mode="const")
             mix = step_generator(config.seed, STREAM_GP, (step * config.d_steps_per_m_step + critic_index)
                                  * config.grad_accum + micro, dist_ctx.rank)
-            d_loss, parts = L.critic_loss(discriminator, real, fake.float(), config.gp_weight, mix)
-            (d_loss / config.grad_accum).backward()
+            # the WGAN term's graph is freed before the penalty's double-backward graph is built
+            d_loss, parts = L.critic_backward(discriminator, real, fake, config.gp_weight, mix,
+                                              accumulation=config.grad_accum)
+            del real, fake
         all_reduce_gradients(discriminator, dist_ctx)
         state.opt_d.step()
-    return {"d_loss": d_loss.detach(), **parts}
+    return {"d_loss": d_loss, **parts}
 
 
 def mapper_gradients(state: TrainState, config: TrainConfig, stream: Iterator[torch.Tensor], step: int,
@@ -319,13 +333,14 @@ def mapper_gradients(state: TrainState, config: TrainConfig, stream: Iterator[to
         skip_sync = dist_ctx.enabled and micro < config.grad_accum - 1  # DDP syncs on the last micro-batch
         with state.mapper_forward.no_sync() if skip_sync else nullcontext():
             noise = step_generator(config.seed, STREAM_NOISE, step * config.grad_accum + micro, dist_ctx.rank)
-            parts = mapper_losses(config, real, state.clip, state.mapper_forward, state.generator, state.autocast,
-                                  noise, state.perceptual, state.discriminator, state.identity)
+            parts = mapper_losses(config, real, state.clip, state.mapper_forward, state.generator, noise,
+                                  state.perceptual, state.discriminator, state.identity)
             total = sum(LOSS_WEIGHTS[name](config) * value for name, value in parts.items())
             state.scaler.scale(total / config.grad_accum).backward()
+            parts, total = {name: value.detach() for name, value in parts.items()}, total.detach()  # no graph kept
     if state.discriminator is not None:
         state.discriminator.requires_grad_(True)
-    return reduce_for_logging({**parts, "total": total.detach(), **critic_values}, dist_ctx)
+    return reduce_for_logging({**parts, "total": total, **critic_values}, dist_ctx)
 
 
 def stop_if_not_finite(values: dict[str, float], step_number: int, run_dir: Path) -> None:
@@ -366,7 +381,7 @@ LOSS_WEIGHTS: dict[str, Callable[[TrainConfig], float]] = {
 
 
 def mapper_losses(config: TrainConfig, real: torch.Tensor, clip: nn.Module, mapper: nn.Module,
-                  generator: nn.Module, autocast, noise: torch.Generator, perceptual: nn.Module | None,
+                  generator: nn.Module, noise: torch.Generator, perceptual: nn.Module | None,
                   discriminator: nn.Module | None, identity: nn.Module | None) -> dict[str, torch.Tensor]:
     """The switched-on mapper losses (unweighted) of one micro-batch.
 
@@ -380,9 +395,7 @@ def mapper_losses(config: TrainConfig, real: torch.Tensor, clip: nn.Module, mapp
         features_in = torch.cat([features, perturbed])
     else:
         features_in = features
-    with autocast:
-        images = generator.synthesis(mapper(features_in), noise_mode="const")
-    images = images.float()
+    images = generator.synthesis(mapper(features_in), noise_mode="const")  # float32 at any block precision
     reconstructed = images[: real.shape[0]]
     parts: dict[str, torch.Tensor] = {}
     if config.lambda_rec > 0:
