@@ -246,11 +246,9 @@ def _conv2d_resample(x, w, f, up, down, padding, groups, flip_weight, flip_filte
             return wt.flip([2, 3]) if flip_weight else wt.contiguous()
 
         wt = _derived(w, ("transposed", groups, flip_weight), transposed_weight, cache_weight)
-        px0, px1, py0, py1 = px0 - (kw - 1), px1 - (kw - up), py0 - (kh - 1), py1 - (kh - up)
-        pxt, pyt = max(min(-px0, -px1), 0), max(min(-py0, -py1), 0)
-        x = F.conv_transpose2d(x, wt, stride=up, padding=[pyt, pxt], groups=groups)
-        x = upfirdn2d(x, f, padding=[px0 + pxt, px1 + pxt, py0 + pyt, py1 + pyt], gain=up ** 2,
-                      flip_filter=flip_filter)
+        conv_padding, fir_padding = reference.transposed_conv_padding([px0, px1, py0, py1], kw, kh, up)
+        x = F.conv_transpose2d(x, wt, stride=up, padding=conv_padding, groups=groups)
+        x = upfirdn2d(x, f, padding=fir_padding, gain=up ** 2, flip_filter=flip_filter)
         if down > 1:
             x = upfirdn2d(x, f, down=down, flip_filter=flip_filter)
         return x
@@ -302,9 +300,7 @@ def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, res
     """
     batch = x.shape[0]
     out_channels, in_channels, kh, kw = weight.shape
-    if x.dtype == torch.float16 and demodulate:  # as reference.modulated_conv2d
-        weight, styles = reference.prenormalize_for_fp16(weight, styles)
-    styles = styles.to(weight.dtype)
+    weight, styles = reference.modulation_inputs(x, weight, styles, demodulate)
     dcoefs = None
     if demodulate:  # sum_{i,k} (W[o,i,k] s[n,i])^2 = (sum_k W[o,i,k]^2) @ s^2
         weight_sq = _derived(weight, ("square-sum",), lambda: weight.square().sum(dim=[2, 3]))

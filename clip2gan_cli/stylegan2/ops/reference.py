@@ -149,6 +149,15 @@ def conv2d_resample(x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight
     return conv2d_resample_with(upfirdn2d, x, w, f, up, down, padding, groups, flip_weight, flip_filter)
 
 
+def transposed_conv_padding(padding, kw: int, kh: int, up: int) -> tuple[list[int], list[int]]:
+    """(padding of the strided transposed conv, [x0, x1, y0, y1] padding of the FIR after it) for the
+    upsampling path of conv2d_resample: the conv takes what both sides share, the FIR the rest."""
+    px0, px1, py0, py1 = padding
+    px0, px1, py0, py1 = px0 - (kw - 1), px1 - (kw - up), py0 - (kh - 1), py1 - (kh - up)
+    pxt, pyt = max(min(-px0, -px1), 0), max(min(-py0, -py1), 0)
+    return [pyt, pxt], [px0 + pxt, px1 + pxt, py0 + pyt, py1 + pyt]
+
+
 def conv2d_resample_with(upfirdn2d, x, w, f=None, up=1, down=1, padding=0, groups=1, flip_weight=True,
                          flip_filter=False):
     """`conv2d_resample` with the FIR steps done by the given `upfirdn2d` (a backend's own); the
@@ -171,11 +180,9 @@ def conv2d_resample_with(upfirdn2d, x, w, f=None, up=1, down=1, padding=0, group
         else:  # transpose within each group: [G*O/G, I, k, k] -> [G*I, O/G, k, k]
             w = w.reshape(groups, out_channels // groups, in_per_group, kh, kw).transpose(1, 2)
             w = w.reshape(groups * in_per_group, out_channels // groups, kh, kw)
-        px0, px1, py0, py1 = px0 - (kw - 1), px1 - (kw - up), py0 - (kh - 1), py1 - (kh - up)
-        pxt, pyt = max(min(-px0, -px1), 0), max(min(-py0, -py1), 0)
-        x = _conv(x, w, stride=up, padding=[pyt, pxt], groups=groups, transpose=True, flip_weight=not flip_weight)
-        x = upfirdn2d(x, f, padding=[px0 + pxt, px1 + pxt, py0 + pyt, py1 + pyt], gain=up ** 2,
-                      flip_filter=flip_filter)
+        conv_padding, fir_padding = transposed_conv_padding([px0, px1, py0, py1], kw, kh, up)
+        x = _conv(x, w, stride=up, padding=conv_padding, groups=groups, transpose=True, flip_weight=not flip_weight)
+        x = upfirdn2d(x, f, padding=fir_padding, gain=up ** 2, flip_filter=flip_filter)
         if down > 1:
             x = upfirdn2d(x, f, down=down, flip_filter=flip_filter)
         return x
@@ -193,6 +200,14 @@ def prenormalize_for_fp16(weight, styles):
     _, in_channels, kh, kw = weight.shape
     weight = weight * (1 / math.sqrt(in_channels * kh * kw) / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
     return weight, styles / styles.norm(float("inf"), dim=1, keepdim=True)
+
+
+def modulation_inputs(x, weight, styles, demodulate: bool):
+    """(weight, styles in the weight's dtype) as a demodulated conv of `x` uses them: float16 maps
+    get NVIDIA's pre-normalisation first (the fast backends' shared preamble)."""
+    if x.dtype == torch.float16 and demodulate:
+        weight, styles = prenormalize_for_fp16(weight, styles)
+    return weight, styles.to(weight.dtype)
 
 
 def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, resample_filter=None,

@@ -465,9 +465,7 @@ def modulated_conv2d_bias_act(x, weight, styles, bias=None, noise=None, up=1, do
                                                clamp=clamp)
     batch = x.shape[0]
     out_channels, in_channels, kh, kw = weight.shape
-    if x.dtype == torch.float16 and demodulate:  # as reference.modulated_conv2d
-        weight, styles = reference.prenormalize_for_fp16(weight, styles)
-    styles = styles.to(weight.dtype)
+    weight, styles = reference.modulation_inputs(x, weight, styles, demodulate)
     dcoefs = None
     if demodulate:  # sum_{i,k} (W[o,i,k] s[n,i])^2 = (sum_k W[o,i,k]^2) @ s^2
         dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt().contiguous()  # [N,O]
