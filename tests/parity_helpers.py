@@ -26,3 +26,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", r
     error = (actual - expected).abs().max().item()
     bound = rtol * max(1.0, expected.abs().max().item())
     assert error <= bound, f"{name}: max|out - ref| = {error:.3g} > {bound:.3g}"
+
+
+def randomize_network(module, seed: int = 0):
+    """Every parameter and buffer random (noise strengths, biases, const), FIR filters kept: so every path
+    of a StyleGAN2 network contributes when backends are compared."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if "resample_filter" not in name:
+                offset = 1.0 if "affine.bias" in name else 0.0  # styles around 1, as in trained networks
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5 + offset)
+    return module

@@ -15,7 +15,7 @@ import torch
 from clip2gan_cli.stylegan2 import build_discriminator, build_generator, get_ops, resolve_backend
 from clip2gan_cli.stylegan2 import ops as ops_pkg
 from clip2gan_cli.stylegan2.ops import eager, reference
-from parity_helpers import assert_close
+from parity_helpers import assert_close, randomize_network
 
 HAS_CUDA = torch.cuda.is_available()
 FIR = reference.setup_filter([1, 3, 3, 1])
@@ -254,17 +254,6 @@ def _small_generator(**overrides):
     return build_generator(32, backend="reference", **config)
 
 
-def _randomize(module, seed=0):
-    """Every parameter and buffer random (noise strengths, biases, const), FIR filters kept."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            if "resample_filter" not in name:
-                offset = 1.0 if "affine.bias" in name else 0.0  # styles around 1, as in trained networks
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5 + offset)
-    return module
-
-
 def _generator_outputs(G, backend, ws, **kwargs):
     G.set_backend(backend)
     ws = ws.detach().clone().requires_grad_()
@@ -279,7 +268,7 @@ def _generator_outputs(G, backend, ws, **kwargs):
 @pytest.mark.parametrize("conv_clamp", [None, 0.5])
 @pytest.mark.parametrize("training", [False, True])  # eval: grouped-conv modconv; train: activation scaling
 def test_generator_images_and_gradients_match(batch, conv_clamp, training):
-    G = _randomize(_small_generator(conv_clamp=conv_clamp)).train(training)
+    G = randomize_network(_small_generator(conv_clamp=conv_clamp)).train(training)
     ws = G.mapping(_randn(batch, G.z_dim, seed=2), truncation_psi=0.7).detach()
     ref_image, ref_grads = _generator_outputs(G, "reference", ws, noise_mode="const")
     image, grads = _generator_outputs(G, "eager", ws, noise_mode="const")
@@ -295,7 +284,7 @@ def test_generator_images_and_gradients_match(batch, conv_clamp, training):
 
 @pytest.mark.parametrize("noise_mode", ["none", "explicit"])
 def test_generator_noise_modes_match(noise_mode):
-    G = _randomize(_small_generator(), seed=3).eval()
+    G = randomize_network(_small_generator(), seed=3).eval()
     ws = G.mapping(_randn(2, G.z_dim, seed=4)).detach()
     kwargs = {"noise_mode": "none"}
     if noise_mode == "explicit":
@@ -307,7 +296,7 @@ def test_generator_noise_modes_match(noise_mode):
 
 def test_generator_repeated_inference_is_stable():
     # Inference reuses cached weight-derived tensors; results must not drift between calls.
-    G = _randomize(_small_generator(), seed=6).eval().set_backend("eager")
+    G = randomize_network(_small_generator(), seed=6).eval().set_backend("eager")
     ws = G.mapping(_randn(1, G.z_dim)).detach()
     with torch.no_grad():
         first, second = G.synthesis(ws), G.synthesis(ws)
@@ -316,7 +305,7 @@ def test_generator_repeated_inference_is_stable():
 
 @pytest.mark.parametrize("batch", [2, 4])
 def test_discriminator_logits_and_gradients_match(batch):
-    D = _randomize(build_discriminator(32, channel_base=256, channel_max=32, seed=0, backend="reference"), seed=7)
+    D = randomize_network(build_discriminator(32, channel_base=256, channel_max=32, seed=0, backend="reference"), seed=7)
     images = _randn(batch, 3, 32, 32, seed=8)
     results = {}
     for backend in ("reference", "eager"):
@@ -359,7 +348,7 @@ def test_cuda_modulated_conv2d_matches_reference(batch, up, no_tf32):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_generator_matches_reference(no_tf32):
-    G = _randomize(_small_generator(), seed=9).eval().cuda()
+    G = randomize_network(_small_generator(), seed=9).eval().cuda()
     ws = G.mapping(_randn(2, G.z_dim).cuda()).detach()
     ref_image, ref_grads = _generator_outputs(G, "reference", ws)
     image, grads = _generator_outputs(G, "eager", ws)
@@ -373,7 +362,7 @@ def test_cuda_generator_matches_reference(no_tf32):
 def test_cuda_half_precision_generator_is_finite_and_close(dtype):
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         pytest.skip("bfloat16 not supported on this GPU")
-    G = _randomize(_small_generator(), seed=10).eval().cuda()
+    G = randomize_network(_small_generator(), seed=10).eval().cuda()
     ws = G.mapping(_randn(2, G.z_dim).cuda()).detach()
     with torch.no_grad():
         full = G.set_backend("reference").synthesis(ws).float()

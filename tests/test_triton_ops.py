@@ -33,6 +33,7 @@ from clip2gan_cli.stylegan2 import build_discriminator, build_generator, get_ops
 from clip2gan_cli.stylegan2 import ops as ops_pkg  # noqa: E402
 from clip2gan_cli.stylegan2.ops import autotune, reference  # noqa: E402
 from clip2gan_cli.stylegan2.ops import triton_kernels as tk  # noqa: E402
+from parity_helpers import randomize_network  # noqa: E402
 
 if not (tk.interpreting() or torch.cuda.is_available()):
     pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1, and there is no CUDA device",
@@ -283,18 +284,8 @@ def test_failing_kernel_falls_back_to_reference_with_one_warning(monkeypatch):
 # Whole networks on the triton backend
 
 
-def _randomize(module, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            if "resample_filter" not in name:
-                offset = 1.0 if "affine.bias" in name else 0.0  # styles around 1, as in trained networks
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5 + offset)
-    return module
-
-
 def test_tiny_generator_on_triton_matches_reference_images_and_gradients():
-    G = _randomize(build_generator(16, z_dim=8, w_dim=8, channel_base=64, channel_max=8, mapping_layers=1,
+    G = randomize_network(build_generator(16, z_dim=8, w_dim=8, channel_base=64, channel_max=8, mapping_layers=1,
                                    conv_clamp=0.5, backend="reference", seed=0)).to(DEVICE)
     ws = G.mapping(_randn(2, G.z_dim, seed=1)).detach()
     results = {}
@@ -313,7 +304,7 @@ def test_tiny_generator_on_triton_matches_reference_images_and_gradients():
 
 def test_tiny_discriminator_gradient_penalty_on_triton_matches_reference():
     # WGAN-GP differentiates D's input gradient: bias_act and upfirdn2d twice (train/losses.py)
-    D = _randomize(build_discriminator(16, channel_base=64, channel_max=8, mbstd_group_size=2, backend="reference",
+    D = randomize_network(build_discriminator(16, channel_base=64, channel_max=8, mbstd_group_size=2, backend="reference",
                                        seed=1), seed=3).to(DEVICE)
     images = _randn(2, 3, 16, 16, seed=4)
     results = {}
