@@ -89,6 +89,7 @@ def _generated_set(config: EvalConfig, prompts: list[str], pack, space, warn: Ca
 
     scorer, report = _scoring_clip(config, pack, pack.device, warn)
     n, ranked = config.images_per_prompt, len(prompts) >= 2
+    prompt_features = clip_score.encode_prompts(scorer, prompts) if ranked else None  # once for every prompt
     features, scores, hits, diversity_sample = [], [], [], []
     with tqdm(total=len(prompts) * n, desc="generating", unit="img", file=sys.stderr,
               disable=not config.progress, leave=False) as bar:
@@ -97,9 +98,11 @@ def _generated_set(config: EvalConfig, prompts: list[str], pack, space, warn: Ca
                               batch_size=config.batch_size, prior=config.prior, progress=bar.update)
             images_uint8 = images.images_to_uint8(result.images)  # what a saved PNG would hold
             features.append(_extract(images_uint8, space, config.batch_size))
-            scores.append(clip_score.clip_scores(scorer, prompt, images_uint8, batch_size=config.batch_size))
+            prompt_scores, prompt_hits = clip_score.score_and_rank(
+                scorer, prompt, images_uint8, config.batch_size, ranking=(prompt_features, index) if ranked else None)
+            scores.append(prompt_scores)
             if ranked:
-                hits.append(clip_score.prompt_ranked_first(scorer, prompts, images_uint8, index, config.batch_size))
+                hits.append(prompt_hits)
             diversity_sample.append(images_uint8[:diversity.DIVERSITY_SAMPLE])
     report.update({
         "features_tensor": torch.cat(features), "n_prompts": len(prompts), "images_per_prompt": n,
