@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+from clip2gan_cli.device import PRECISIONS
+
 BOUNDS = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}  # max|img - ref| / max(1, max|ref|) above which a row fails
 CHANNEL_BASE = {256: 16384}  # config-f paper256 at 256 px; 32768 elsewhere
 SMOKE = dict(resolutions=[16, 32], batches=[1, 2], channel_base=512, channel_max=32, train_resolution=32,
@@ -35,21 +36,24 @@ SMOKE = dict(resolutions=[16, 32], batches=[1, 2], channel_base=512, channel_max
 
 
 def backend_names() -> list[str]:
-    """The ops package's backends (available_backends() where it exists), then 'auto'."""
+    """The ops package's backends, then 'auto'."""
     from clip2gan_cli.stylegan2 import ops
 
-    listed = ops.available_backends() if hasattr(ops, "available_backends") else ops.BACKENDS
-    return [name for name in listed if name != "auto"] + ["auto"]
+    return list(ops.BACKENDS) + ["auto"]
 
 
 def auto_choices() -> str:
-    """What 'auto' resolved to (and the per-op choices, where the ops package reports them)."""
+    """What 'auto' resolved to, and on CUDA how often it chose each backend per op (measured calls)."""
+    from collections import Counter
+
     from clip2gan_cli.stylegan2 import ops
+    from clip2gan_cli.stylegan2.ops import autotune
 
     text = f"auto -> {ops.resolve_backend('auto')}"
-    report = getattr(ops, "auto_choices", None)
-    if callable(report):
-        text += f"; per op and shape: {report()}"
+    counts = Counter((json.loads(key)["op"], backend) for key, backend in autotune.choices().items())
+    if counts:
+        chosen = (f"{op} {backend} x{n}" for (op, backend), n in sorted(counts.items()))
+        text += "; per op and shape: " + ", ".join(chosen)
     return text
 
 

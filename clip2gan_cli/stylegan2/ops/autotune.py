@@ -92,7 +92,7 @@ class OpChooser:
         self._lock = threading.Lock()
 
     def key(self, op: str, args: tuple, kwargs: dict) -> str:
-        bound = inspect.signature(getattr(reference, op)).bind(*args, **kwargs)
+        bound = _signature(op).bind(*args, **kwargs)
         bound.apply_defaults()  # a default passed explicitly or left out is the same call
         signature = {name: _describe(value) for name, value in bound.arguments.items()}
         return json.dumps({"op": op, "args": signature, **self.environment}, sort_keys=True)
@@ -100,6 +100,9 @@ class OpChooser:
     def choose(self, op: str, args: tuple, kwargs: dict) -> str:
         """The backend for this call: remembered, read from the cache file, or measured now."""
         key = self.key(op, args, kwargs)
+        choice = self._choices.get(key)  # the common case, once measured: no lock (dict reads are atomic)
+        if choice is not None:
+            return choice
         with self._lock:
             choice = self._choices.get(key)
             if choice is None:
@@ -193,6 +196,8 @@ _chooser_lock = threading.Lock()
 def chooser() -> OpChooser:
     """The process's chooser over eager and (when it imports) triton, caching under $CLIP2GAN_HOME."""
     global _chooser
+    if _chooser is not None:  # every op call comes here: no lock once it is built
+        return _chooser
     with _chooser_lock:
         if _chooser is None:
             candidates = {BASELINE: eager}
@@ -206,12 +211,23 @@ def chooser() -> OpChooser:
         return _chooser
 
 
+def choices() -> dict[str, str]:
+    """What `auto` chose in this process so far: call key (op, arguments, environment; JSON) -> backend."""
+    return dict(_chooser._choices) if _chooser is not None else {}
+
+
 def is_available() -> bool:
     return eager.is_available()
 
 
 def unavailable_reason() -> str:
     return eager.unavailable_reason()
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(op: str) -> inspect.Signature:
+    """The reference op's signature (inspect.signature costs tens of microseconds: once per op)."""
+    return inspect.signature(getattr(reference, op))
 
 
 def _measured(op: str):
@@ -228,6 +244,6 @@ conv2d_resample = _measured("conv2d_resample")
 modulated_conv2d = _measured("modulated_conv2d")
 modulated_conv2d_bias_act = _measured("modulated_conv2d_bias_act")
 
-__all__ = ["BASELINE", "OPS", "OpChooser", "bias_act", "chooser", "conv2d_resample", "cuda_timer",
+__all__ = ["BASELINE", "OPS", "OpChooser", "bias_act", "chooser", "choices", "conv2d_resample", "cuda_timer",
            "default_cache_file", "is_available", "modulated_conv2d", "modulated_conv2d_bias_act",
            "unavailable_reason", "upfirdn2d"]
