@@ -86,6 +86,14 @@ def resolve_dtype(precision: str | None, device: "torch.device") -> "torch.dtype
     return torch.bfloat16
 
 
+def precision_name(precision: str | None) -> str:
+    """`precision` as one of PRECISION_CHOICES (None is 'auto'); DeviceError for any other name."""
+    name = str(precision or "auto").strip().lower()
+    if name not in PRECISION_CHOICES:
+        raise DeviceError(f"unknown precision '{precision}'", hint=f"expected one of {', '.join(PRECISION_CHOICES)}")
+    return name
+
+
 def resolve_precision(precision: str | None, device: "torch.device") -> str:
     """What a StyleGAN2 network's `precision` means on `device`: 'fp32', 'fp16' or 'bf16'.
 
@@ -96,9 +104,7 @@ def resolve_precision(precision: str | None, device: "torch.device") -> str:
     """
     import torch
 
-    name = str(precision or "auto").strip().lower()
-    if name not in PRECISION_CHOICES:
-        raise DeviceError(f"unknown precision '{precision}'", hint=f"expected one of {', '.join(PRECISION_CHOICES)}")
+    name = precision_name(precision)
     device = torch.device(device)
     if name == "auto":
         return "fp16" if device.type == "cuda" else "fp32"

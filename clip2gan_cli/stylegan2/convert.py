@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import CheckpointError, UserInputError
+from ..errors import CheckpointError, DeviceError, UserInputError
 from ..fileutil import atomic_path, sha256_file
 from .architecture import infer_discriminator_config, infer_generator_config
 from .checkpoint import (DISCRIMINATOR_FORMAT, GENERATOR_FORMAT, ImportedCheckpoint, ImportedNetwork,
@@ -204,11 +204,13 @@ def network_precision(precision: str | None, device: torch.device) -> str:
     device.resolve_precision decides what 'auto' is; a name outside device.PRECISION_CHOICES is a
     UserInputError naming the parameter.
     """
-    from ..device import PRECISION_CHOICES, resolve_precision
+    from ..device import PRECISION_CHOICES, precision_name, resolve_precision
 
-    name = str(precision or "auto").strip().lower()
-    if name not in PRECISION_CHOICES:
-        raise UserInputError(f"unknown `precision` '{precision}'", hint=f"expected {' | '.join(PRECISION_CHOICES)}")
+    try:
+        name = precision_name(precision)
+    except DeviceError:  # a user's input here, named as the parameter it came through
+        raise UserInputError(f"unknown `precision` '{precision}'",
+                             hint=f"expected {' | '.join(PRECISION_CHOICES)}") from None
     return resolve_precision(name, device)
 
 

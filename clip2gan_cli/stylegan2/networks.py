@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from ..device import PRECISION_CHOICES, reduced_dtype, reduced_precision_channels_last
-from ..errors import CheckpointError, DeviceError, UserInputError
+from ..device import precision_name, reduced_dtype, reduced_precision_channels_last
+from ..errors import CheckpointError, UserInputError
 from .ops import get_ops, resolve_backend
 from .ops.reference import activation_defaults, setup_filter
 
@@ -61,7 +61,13 @@ def _int_keys(table):
 
 
 class _ConfigMixin:
-    """to_dict / from_dict shared by the two config dataclasses."""
+    """to_dict / from_dict and the fp16 blocks, shared by the two config dataclasses."""
+
+    @property
+    def fp16_resolutions(self) -> list[int]:
+        """The blocks that run in reduced precision (fp16/bf16) when the precision asks for it."""
+        first = _fp16_resolution(self.img_resolution, self.num_fp16_res)
+        return [res for res in self.block_resolutions if res >= first]
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (channel-table keys become strings)."""
@@ -130,12 +136,6 @@ class GeneratorConfig(_ConfigMixin):
     def channels_per_resolution(self) -> dict[int, int]:
         return _channel_table(self.block_resolutions, self.channel_base, self.channel_max, self.channels)
 
-    @property
-    def fp16_resolutions(self) -> list[int]:
-        """The blocks that run in reduced precision (fp16/bf16) when the precision asks for it."""
-        first = _fp16_resolution(self.img_resolution, self.num_fp16_res)
-        return [res for res in self.block_resolutions if res >= first]
-
 
 @dataclass
 class DiscriminatorConfig(_ConfigMixin):
@@ -172,12 +172,6 @@ class DiscriminatorConfig(_ConfigMixin):
 
     def channels_per_resolution(self) -> dict[int, int]:
         return _channel_table(self.block_resolutions + [4], self.channel_base, self.channel_max, self.channels)
-
-    @property
-    def fp16_resolutions(self) -> list[int]:
-        """The blocks that run in reduced precision (fp16/bf16) when the precision asks for it."""
-        first = _fp16_resolution(self.img_resolution, self.num_fp16_res)
-        return [res for res in self.block_resolutions if res >= first]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,13 +218,6 @@ class _SwitchableBackend(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Precision and memory format (NVIDIA's mixed precision)
-
-def _check_precision(precision: str) -> str:
-    name = str(precision or "auto").strip().lower()
-    if name not in PRECISION_CHOICES:
-        raise DeviceError(f"unknown precision '{precision}'", hint=f"expected one of {', '.join(PRECISION_CHOICES)}")
-    return name
-
 
 class _BlockPrecision:
     """Per forward call: the dtype and memory format of each block (NVIDIA's use_fp16 / fp16_channels_last).
@@ -602,7 +589,7 @@ class SynthesisNetwork(nn.Module):
 
     def set_precision(self, precision: str):
         """"auto" | "fp32" | "fp16" | "bf16" for the marked blocks (checked now; resolved per device at run time)."""
-        self.precision = _check_precision(precision)
+        self.precision = precision_name(precision)
         return self
 
     def noise_layers(self) -> list[str]:
@@ -858,7 +845,7 @@ class Discriminator(_SwitchableBackend):
 
     def set_precision(self, precision: str):
         """As Generator.set_precision, for the config's num_fp16_res highest-resolution blocks; returns self."""
-        self.precision = _check_precision(precision)
+        self.precision = precision_name(precision)
         return self
 
     def forward(self, img, force_fp32=False):
