@@ -8,7 +8,7 @@ from .faces import align_face, detect_face_landmarks
 from .images import (IMAGE_FORMATS, MAX_PIXELS, MIN_SIDE, PNG_CHANNELS, as_pil, center_crop_resize,
                      load_image_tensor, make_grid, pil_to_tensor, read_image, read_png_metadata, save_image,
                      save_png, to_rgb, to_uint8)
-from .latents import LATENT_KEY, load_latent, save_latent
+from .latents import LATENT_KEY, load_latent, save_latent, sort_safetensors_header_bytes
 from .outputs import (check_output_dir, edit_label, layers_label, slugify, write_edit_outputs,
                       write_generate_outputs, write_interpolation_outputs)
 from .prompts import read_prompt_args
@@ -20,6 +20,6 @@ __all__ = [
     "center_crop_resize", "check_output_dir", "detect_face_landmarks", "edit_label", "load_image_tensor", "load_latent",
     "make_grid", "mp4_encoder", "pil_to_tensor", "publish_new_file", "read_image", "read_png_metadata",
     "read_prompt_args", "require_mp4_encoder", "save_gif", "save_image", "save_latent", "save_mp4", "save_png",
-    "slugify", "to_rgb", "to_uint8", "write_edit_outputs", "write_generate_outputs", "write_interpolation_outputs",
-    "write_output",
+    "slugify", "sort_safetensors_header_bytes", "to_rgb", "to_uint8", "write_edit_outputs", "write_generate_outputs",
+    "write_interpolation_outputs", "write_output",
 ]

@@ -26,16 +26,21 @@ def save_latent(path: str | Path, w_plus: "torch.Tensor", metadata: dict[str, An
 
 
 def _safetensors_bytes(tensors: dict[str, "torch.Tensor"], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes with the JSON header's keys sorted.
+    """safetensors bytes with the JSON header's keys sorted (`sort_safetensors_header_bytes`)."""
+    from safetensors.torch import save
 
-    safetensors writes its metadata map in a different order from call to call, so equal latents
-    would give different files (and a rerun of generate could not recognise its own output).
+    return sort_safetensors_header_bytes(save(tensors, metadata=metadata))
+
+
+def sort_safetensors_header_bytes(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted (same length; tensor bytes untouched).
+
+    safetensors writes its metadata map through a Rust HashMap whose order changes from call to call,
+    so equal tensors would give different files (and a rerun of generate could not recognise its own
+    output); sorting the header, padded with spaces as safetensors pads, makes them byte-identical.
     """
     import struct
 
-    from safetensors.torch import save
-
-    data = save(tensors, metadata=metadata)
     (size,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + size])
     if "__metadata__" in header:

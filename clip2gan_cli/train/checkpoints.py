@@ -5,11 +5,9 @@ strings and lists only, so loading one never runs code.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 import shutil
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, OutputError, UserInputError, first_line
-from ..fileutil import atomic_path, ensure_writable_dir
+from ..fileutil import atomic_path, atomic_write_bytes, ensure_writable_dir
+from ..imageio import sort_safetensors_header_bytes
 from ..mapper import Mapper, check_compatible, save_mapper
 from .config import TrainConfig
 from .reporting import stderr_line
@@ -99,22 +98,11 @@ def save_mapper_reproducibly(mapper: Mapper, path: Path, metadata: dict[str, str
 
 
 def sort_safetensors_header(path: Path) -> Path:
-    """Rewrite a safetensors file's JSON header with sorted keys (atomically; tensor bytes untouched).
+    """Rewrite a safetensors file's JSON header with sorted keys, atomically (`sort_safetensors_header_bytes`).
 
-    safetensors stores the metadata through a Rust HashMap whose iteration order changes from
-    call to call, so the same weights would give different bytes; sorting the header (same length,
-    same tensor offsets) makes equal weights give byte-identical files.
+    Equal weights then give byte-identical files, whatever order safetensors wrote the header in.
     """
-    data = path.read_bytes()
-    (header_size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + header_size])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    if len(text) <= header_size:  # always true (same entries); padded with spaces as safetensors pads
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data[:8] + text + b" " * (header_size - len(text)) + data[8 + header_size:])
-    return path
+    return atomic_write_bytes(path, sort_safetensors_header_bytes(path.read_bytes()))
 
 
 def write_checkpoint_file(state: dict[str, Any], path: Path) -> None:
