@@ -173,12 +173,11 @@ def _requested_entries(registry, names: list[str], all_files: bool) -> list:
     return entries
 
 
-def _emit_fetched(name: str, path: Path | None, json_out: bool) -> None:
+def _emit_fetched(name: str, path: Path, json_out: bool) -> None:
     """`NAME: PATH` of a file in the cache (a JSON object with --json)."""
     import json
 
-    if path is not None:
-        typer.echo(json.dumps({"name": name, "path": str(path)}) if json_out else f"{name}: {path}")
+    typer.echo(json.dumps({"name": name, "path": str(path)}) if json_out else f"{name}: {path}")
 
 
 def _print_registry(registry, json_out: bool = False) -> None:
@@ -316,13 +315,13 @@ def edit_command(
     precision: str = precision_option(),
 ) -> None:
     """Edit an image with text: w' = M(C_img(x)) + sum(beta * n(t))."""
-    from . import imageio, inputs, pipeline
+    from . import imageio, inputs, pipeline, refine
     from .mapper import EDIT_DIRECTIONS, NEUTRAL_AUTO
     from .packs import output_metadata, select_models
-    from .refine import refine_lpips
 
     requested = _requested_edits(text, beta, edits)
     _check_choice("--direction", direction, EDIT_DIRECTIONS)
+    pipeline.check_refine_steps(refine_steps)  # before any model loads, like the checks around it
     row_range = pipeline.parse_layers(layers) if layers is not None else None
     imageio.read_image(image)  # bad images fail before any model loads
     imageio.check_output_dir(out)
@@ -331,8 +330,8 @@ def edit_command(
     bar, advance = _progress("Refining", refine_steps)
     with bar:
         result = pipeline.edit(models.generator, models.clip, models.mapper, source, requested, neutral=neutral,
-                               refine_steps=refine_steps, lpips=refine_lpips(refine_steps, log=err), w_plus=start,
-                               direction=direction, layers=row_range,
+                               refine_steps=refine_steps, lpips=refine.refine_lpips(refine_steps, log=err),
+                               w_plus=start, direction=direction, layers=row_range,
                                contrast_sets=[spec.split(",") for spec in contrast] or None, progress=advance)
     settings, used = result.settings, [row[0] for row in result.neutrals]  # one image: each edit's neutral
     if settings.neutral == NEUTRAL_AUTO:

@@ -371,8 +371,7 @@ def refine_inversion(generator, w_plus: torch.Tensor, target: torch.Tensor, step
 
     `lpips(x, y)` takes images in [-1, 1] and returns a per-image distance. Returns the refined W+.
     """
-    if steps < 0:
-        raise UserInputError(f"`refine_steps` must be >= 0, got {steps}")
+    check_refine_steps(steps)
     device = generator.w_avg.device
     target = target.to(device)
     w_opt = w_plus.detach().clone().to(device).requires_grad_(True)
@@ -446,8 +445,7 @@ def edit(generator, clip, mapper, image: torch.Tensor, edits: Sequence[tuple[str
     (`edit_settings`); the result's `settings` holds what the edit ran with.
     """
     settings = edit_settings(mapper, edits, neutral, direction, layers, contrast_sets)
-    if refine_steps < 0:
-        raise UserInputError(f"`refine_steps` must be >= 0, got {refine_steps}")
+    check_refine_steps(refine_steps)
     mask = layer_mask(generator.num_ws, settings.layers)
     auto = settings.neutral == NEUTRAL_AUTO
     image_features = None
@@ -514,6 +512,12 @@ def interpolate(w_a: torch.Tensor, w_b: torch.Tensor, frames: int = 24, spherica
     result = torch.where(sin_omega < 1e-4, linear, slerp)
     result[0], result[-1] = w_a, w_b  # exact endpoints
     return result
+
+
+def check_refine_steps(steps: int) -> None:
+    """UserInputError for a negative number of refinement steps."""
+    if steps < 0:
+        raise UserInputError(f"`refine_steps` must be >= 0, got {steps}")
 
 
 def check_frames(frames: int) -> None:
