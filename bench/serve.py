@@ -63,7 +63,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from clip2gan_cli import pipeline
+    from clip2gan_cli import imageio, pipeline
     from clip2gan_cli.packs import load_pack
     from clip2gan_cli.serve.app import ModelSpec, ServeApp, make_workdir
     from clip2gan_cli.serve.server import make_server
@@ -86,17 +86,15 @@ def main() -> int:
     layers = defaults["layers"]
     edit_request = lambda beta: {"image": image["image"], "edits": [{"text": "blue", "beta": beta}],  # noqa: E731
                                  "neutral": defaults["neutral"], "direction": defaults["direction"],
-                                 "layers": "all" if layers is None else
-                                 ":".join("" if v is None else str(v) for v in layers)}
+                                 "layers": imageio.layers_label(layers)}
     beta = lambda index: round(-2 + (index % 80) * 0.05, 2)  # noqa: E731  a slider sweep: every request new
     source = app._images[image["image"]]
-    neutral = None if defaults["neutral"] == "none" else defaults["neutral"]
     generate_request = lambda index: {"prompts": "a red circle", "n": 8, "seed": index}  # noqa: E731
 
     rows = {
         "edit re-render": {
             "pipeline": lambda i: pipeline.edit(models.generator, models.clip, models.mapper, source.tensor,
-                                                [("blue", beta(i))], neutral=neutral, w_plus=source.w_plus,
+                                                [("blue", beta(i))], neutral=defaults["neutral"], w_plus=source.w_plus,
                                                 direction=defaults["direction"], layers=layers),
             "app": lambda i: app.edit(edit_request(beta(i))),
             "http": lambda i: http("/api/edit", edit_request(beta(i))),

@@ -177,7 +177,6 @@ class ServeApp:
         if len(texts) > MAX_PROMPTS or len(texts) * n > MAX_IMAGES:
             raise UserInputError(f"at most {MAX_PROMPTS} prompts and {MAX_IMAGES} images per request, "
                                  f"got {len(texts)} x {n}")
-        prior_used = prior or self.models.mapper.config.generation_prior
         with self._lock, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = pipeline.generate(self.models.generator, self.models.clip, self.models.mapper, texts, n=n,
@@ -186,7 +185,7 @@ class ServeApp:
             records = imageio.write_generate_outputs(
                 folder, result.images, result.w_plus, texts, result.prompt_index, result.sample_index, seed,
                 fmt="png", grid=False, save_latents=False,
-                metadata=output_metadata(self.models, truncation=truncation, prior=prior_used))
+                metadata=output_metadata(self.models, truncation=truncation, prior=result.prior))
             images = [{"url": self._publish(r["path"]), "name": Path(r["path"]).name, "prompt": r["prompt"],
                        "index": r["index"]} for r in records]
         command = ["clip2gan", "generate", *texts, "-n", str(n), "--seed", str(seed)]
@@ -273,7 +272,7 @@ class ServeApp:
             if not neutral:
                 raise UserInputError("empty neutral text", hint="write one, or choose auto or none")
         elif neutral_mode in (NEUTRAL_AUTO, "none"):
-            neutral = pipeline.NEUTRAL_NONE if neutral_mode == "none" else NEUTRAL_AUTO
+            neutral = neutral_mode  # "none" is pipeline.NEUTRAL_NONE
         else:
             raise UserInputError(f"unknown neutral '{neutral_mode}'", hint="expected auto, none or text")
         layers_text = str(request.get("layers") or "").strip()
@@ -303,7 +302,8 @@ class ServeApp:
         command += ["--neutral", neutral_mode if neutral_mode != "text" else neutral, "--direction", direction,
                     "--layers", rows]
         return {"edited": urls["edited"], "reconstruction": urls["reconstruction"], "sheet": urls["sheet"],
-                "latent": urls["latent"], "neutrals": pipeline.describe_inferred_neutrals(requested, used) if neutral == NEUTRAL_AUTO else [],
+                "latent": urls["latent"],
+                "neutrals": pipeline.describe_inferred_neutrals(requested, used) if neutral == NEUTRAL_AUTO else [],
                 "warnings": _warning_lines(caught), "command": shlex.join(command + self.spec.cli_args())}
 
     # --- interpolate ---
@@ -346,7 +346,7 @@ class ServeApp:
             records = imageio.write_interpolation_outputs(
                 folder, name, images, gif=folder / f"{name}.gif", mp4=folder / f"{name}.mp4" if want_mp4 else None,
                 fps=fps, metadata=output_metadata(models, a=names[0], b=names[1], seed=seed,
-                                                  prior=prior or models.mapper.config.generation_prior))
+                                                  prior=pipeline.generation_prior(models.mapper, prior)))
             out = {"frames": [], "gif": None, "mp4": None}
             for record in records:
                 url = self._publish(record["path"])

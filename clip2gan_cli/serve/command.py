@@ -17,7 +17,7 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
     port: int = typer.Option(7860, "--port", help="Port to listen on."),
     device: str = typer.Option("auto", "--device", help=f"Where models run: {DEVICE_CHOICES}."),
-    backend: str = typer.Option("auto", "--backend", help="StyleGAN2 kernels: auto | fused | reference."),
+    backend: str = typer.Option("auto", "--backend", help="StyleGAN2 ops: auto | eager | triton | reference (fused: old name of eager)."),
     precision: str = typer.Option("auto", "--precision", metavar="|".join(PRECISION_CHOICES),
                                   help="What the generator's float16-marked blocks run in (as for generate)."),
 ) -> None:
