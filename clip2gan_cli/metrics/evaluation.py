@@ -45,11 +45,12 @@ def _registry_file(name: str, progress: bool):
     return weights.fetch(name, registry=registry, progress=progress), registry.entry(name).sha256
 
 
-def _feature_space(config: EvalConfig, pack, device):
+def _feature_space(config: EvalConfig, pack, device, clip_sha256: str | None):
+    """The feature space; `clip_sha256` is the pack's CLIP weights' sha256 (given with `features` clip)."""
     from . import feature_spaces
 
     if config.features == "clip":
-        return feature_spaces.ClipFeatureSpace(pack.clip, weights_sha256=_clip_weights_sha256(pack), device=device)
+        return feature_spaces.ClipFeatureSpace(pack.clip, weights_sha256=clip_sha256, device=device)
     if config.features == "dinov2":
         path, sha256 = _registry_file(DINOV2_WEIGHTS, config.progress)
         return feature_spaces.DinoV2FeatureSpace(path, device=device, weights_sha256=sha256, mode=config.fid_mode,
@@ -60,11 +61,14 @@ def _feature_space(config: EvalConfig, pack, device):
     return feature_spaces.InceptionFeatureSpace(path, device=device, weights_sha256=sha256, mode=config.fid_mode)
 
 
-def _scoring_clip(config: EvalConfig, pack, device, warn: Callable[[str], None]):
-    """(CLIP that scores prompts, report fields); warns when it is the CLIP that conditions the generator."""
+def _scoring_clip(config: EvalConfig, pack, device, warn: Callable[[str], None], clip_sha256: str | None):
+    """(CLIP that scores prompts, report fields); warns when it is the CLIP that conditions the generator.
+
+    `clip_sha256`: the pack's CLIP weights' sha256 where already computed (`features` clip), else hashed here.
+    """
     from ..fileutil import sha256_file
 
-    generator_sha256 = _clip_weights_sha256(pack)
+    generator_sha256 = clip_sha256 if clip_sha256 is not None else _clip_weights_sha256(pack)
     if config.score_clip is None:
         clip, sha256, name = pack.clip, generator_sha256, f"{pack.clip.name} (the pack's)"
     else:
@@ -79,7 +83,8 @@ def _scoring_clip(config: EvalConfig, pack, device, warn: Callable[[str], None])
     return clip, {"score_clip": name, "score_clip_weights_sha256": sha256, "score_clip_is_generator_clip": same}
 
 
-def _generated_set(config: EvalConfig, prompts: list[str], pack, space, warn: Callable[[str], None]) -> dict:
+def _generated_set(config: EvalConfig, prompts: list[str], pack, space, warn: Callable[[str], None],
+                   clip_sha256: str | None) -> dict:
     """Generate -n images per prompt, one prompt at a time: features, CLIP scores, R-precision, diversity."""
     import torch
     from tqdm import tqdm
@@ -87,7 +92,7 @@ def _generated_set(config: EvalConfig, prompts: list[str], pack, space, warn: Ca
     from ..pipeline import generate
     from . import clip_score, diversity, images
 
-    scorer, report = _scoring_clip(config, pack, pack.device, warn)
+    scorer, report = _scoring_clip(config, pack, pack.device, warn, clip_sha256)
     n, ranked = config.images_per_prompt, len(prompts) >= 2
     prompt_features = clip_score.encode_prompts(scorer, prompts) if ranked else None  # once for every prompt
     features, scores, hits, diversity_sample = [], [], [], []
@@ -147,7 +152,7 @@ def _real_set(config: EvalConfig, space) -> dict:
             "saved_stats": str(config.save_stats) if config.save_stats is not None else None}
 
 
-def _fake_set(config: EvalConfig, prompts, pack, space, warn) -> tuple:
+def _fake_set(config: EvalConfig, prompts, pack, space, warn, clip_sha256: str | None) -> tuple:
     """(features, report fields) of the generated side: a folder or images generated on the fly."""
     from . import fid
 
@@ -155,7 +160,7 @@ def _fake_set(config: EvalConfig, prompts, pack, space, warn) -> tuple:
         fake = fid.folder_features(config.fake, space, batch_size=config.batch_size, cache=False,
                                    progress=config.progress)
         return fake.features, {"n_fake_skipped": fake.n_skipped}
-    generated = _generated_set(config, prompts, pack, space, warn)
+    generated = _generated_set(config, prompts, pack, space, warn, clip_sha256)
     features = generated.pop("features_tensor")
     generated["n_fake_skipped"] = 0
     return features, generated
@@ -237,7 +242,9 @@ def evaluate(config: EvalConfig, warn: Callable[[str], None] = _warn) -> dict:
     only the real side.
     """
     prompts, device, pack = _prepare(config)
-    space = _feature_space(config, pack, device)
+    # The pack's CLIP hashed once: it names the CLIP feature space and tells whether the scoring CLIP is the pack's.
+    clip_sha256 = _clip_weights_sha256(pack) if config.features == "clip" else None
+    space = _feature_space(config, pack, device, clip_sha256)
     real = _real_set(config, space)
     report = {key: real[key] for key in ("n_real", "n_real_skipped", "real_stats_cached") if key in real}
     report.update(features=config.features, fd_name=FD_NAMES[config.features], fid_mode=space.fid_mode,
@@ -247,7 +254,7 @@ def evaluate(config: EvalConfig, warn: Callable[[str], None] = _warn) -> dict:
                   versions=package_versions())
     if config.fake is None and config.prompts is None:
         return report  # --save-stats alone
-    fake_features, fake_report = _fake_set(config, prompts, pack, space, warn)
+    fake_features, fake_report = _fake_set(config, prompts, pack, space, warn, clip_sha256)
     report.update(fake_report)
     report.update(_distances(config, real, fake_features, warn))
     report.update(n_fake=int(len(fake_features)), feature_dim=int(fake_features.shape[1]),
