@@ -37,10 +37,10 @@ import time
 from pathlib import Path
 
 from ...fileutil import atomic_path
-from ...mapper import load_mapper, save_mapper
+from ...mapper import load_mapper
 from ...packs.shapes import PACK_DIR, data
 from ...pipeline import parse_layers
-from ...train.checkpoints import checkpoint_paths, sort_safetensors_header
+from ...train.checkpoints import checkpoint_paths, save_mapper_reproducibly
 from . import gan
 
 STAGES = ("clip", "checker", "gan", "export", "mapper", "sharpen")
@@ -219,8 +219,8 @@ def save_with_usage_defaults(mapper, args) -> None:
         edit_direction=args.mapper_edit_direction, edit_layers=parse_layers(args.mapper_edit_layers),
         edit_beta=args.mapper_edit_beta, edit_neutral=None if args.mapper_edit_neutral == "none" else "auto",
         edit_contrast_sets=data.contrast_sets())
-    path = save_mapper(mapper, args.pack_dir / "mapper.safetensors", metadata={"clip2gan.source.pack": "shapes"})
-    readable_by_all(sort_safetensors_header(path))  # same weights, same bytes
+    path = save_mapper_reproducibly(mapper, args.pack_dir / "mapper.safetensors", {"clip2gan.source.pack": "shapes"})
+    readable_by_all(path)  # same weights, same bytes
 
 
 def mapper_run_finished(run_dir: Path, steps: int) -> bool:
