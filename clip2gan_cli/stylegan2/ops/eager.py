@@ -95,6 +95,13 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def fir_taps(f, gain: float = 1.0, flip_filter: bool = False):
+    """The 2-D taps a correlation (F.conv2d, the Triton kernel) applies for NVIDIA's FIR `f`."""
+    kernel = f if f.ndim == 2 else torch.outer(f, f)  # separable 1-D: the same taps on both axes
+    kernel = kernel * float(gain)  # 2-D: f*gain; 1-D: f*gain**0.5 on each axis, the same product
+    return kernel if flip_filter else kernel.flip([0, 1])  # a true convolution flips the filter
+
+
 def _fir(x, f, pad: tuple[int, int, int, int], down: int = 1, gain: float = 1.0, flip_filter: bool = False):
     """Pad (x0, x1, y0, y1; negative crops), FIR-filter every channel with `f`, keep every `down`-th pixel.
 
@@ -102,10 +109,7 @@ def _fir(x, f, pad: tuple[int, int, int, int], down: int = 1, gain: float = 1.0,
     the NCHW one the reference gets, the padding is the conv's own when symmetric (no padded copy), and
     decimation is the conv's stride (no full-resolution output).
     """
-    kernel = f if f.ndim == 2 else torch.outer(f, f)  # separable 1-D: the same taps on both axes
-    kernel = kernel * float(gain)  # 2-D: f*gain; 1-D: f*gain**0.5 on each axis, the same product
-    if not flip_filter:  # F.conv2d correlates; a true convolution flips the filter
-        kernel = kernel.flip([0, 1])
+    kernel = fir_taps(f, gain, flip_filter)
     channels = x.shape[1]
     weight = kernel.to(x.dtype)[None, None].expand(channels, 1, *kernel.shape)
     x0, x1, y0, y1 = pad

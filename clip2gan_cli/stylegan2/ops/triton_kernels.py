@@ -300,11 +300,8 @@ def bias_act(x, b=None, dim=1, act="linear", alpha=0.2, gain=None, clamp=None):
 
 
 def _correlation_kernel(f, gain, flip_filter, device):
-    """The 2-D taps the kernel correlates with: separable 1-D filters as their outer product, the
-    gain folded in (1-D: gain**0.5 per axis, the same product), flipped for a true convolution."""
-    kernel = f if f.ndim == 2 else torch.outer(f, f)
-    kernel = kernel.to(device=device, dtype=torch.float32) * float(gain)
-    return (kernel if flip_filter else kernel.flip([0, 1])).contiguous()
+    """The 2-D taps the kernel correlates with (eager.fir_taps), float32 and contiguous on `device`."""
+    return eager.fir_taps(f.to(device=device, dtype=torch.float32), gain, flip_filter).contiguous()
 
 
 def _upfirdn2d_launch(x, kernel, up, down, pad):
@@ -468,7 +465,8 @@ def modulated_conv2d_bias_act(x, weight, styles, bias=None, noise=None, up=1, do
     weight, styles = reference.modulation_inputs(x, weight, styles, demodulate)
     dcoefs = None
     if demodulate:  # sum_{i,k} (W[o,i,k] s[n,i])^2 = (sum_k W[o,i,k]^2) @ s^2
-        dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt().contiguous()  # [N,O]
+        weight_sq = eager._derived(weight, ("square-sum",), lambda: weight.square().sum(dim=[2, 3]))  # cached
+        dcoefs = (styles.square() @ weight_sq.t() + 1e-8).rsqrt().contiguous()  # [N,O]
     x = x * styles.to(x.dtype).reshape(batch, -1, 1, 1)
     c = conv2d_resample(x, weight.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding,
                         flip_weight=flip_weight)
