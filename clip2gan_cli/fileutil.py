@@ -49,6 +49,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_savez(path: str | os.PathLike, **arrays) -> Path:
+    """`numpy.savez` of `arrays` to `path` atomically (the exact name: no ".npz" appended); returns the path."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:  # a handle, so numpy does not append ".npz" to the temp name
+            np.savez(handle, **arrays)
+    return Path(path)
+
+
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create `path` if needed and check that files can be written in it (OutputError otherwise)."""
     directory = Path(path)

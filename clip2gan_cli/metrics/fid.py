@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import ImageError, UserInputError
-from ..fileutil import atomic_path, sha256_file  # noqa: F401 (sha256_file: re-exported for callers)
+from ..fileutil import atomic_savez, sha256_file  # noqa: F401 (sha256_file: re-exported for callers)
 from .feature_spaces import (FID_MODES, INCEPTION_FEATURE_LAYER, ClipFeatureSpace, DinoV2FeatureSpace,  # noqa: F401
                              FeatureSpace, InceptionFeatureSpace, extract_features, state_dict_sha256)
 from .images import IMAGE_EXTENSIONS, images_to_uint8, list_image_files, read_rgb_uint8  # noqa: F401
@@ -149,13 +149,9 @@ def _load_cached(path: Path) -> FolderFeatures | None:
 
 
 def _save_cached(path: Path, folder_features: FolderFeatures) -> None:
-    import numpy as np
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:  # a handle, so numpy does not append ".npz" to the temp name
-            np.savez(handle, features=folder_features.features.numpy(),
-                     mu=folder_features.statistics["mu"], sigma=folder_features.statistics["sigma"],
-                     n_images=folder_features.n_images, n_skipped=folder_features.n_skipped)
+    atomic_savez(path, features=folder_features.features.numpy(),
+                 mu=folder_features.statistics["mu"], sigma=folder_features.statistics["sigma"],
+                 n_images=folder_features.n_images, n_skipped=folder_features.n_skipped)
 
 
 def _extract_folder(folder, files: Sequence[Path], space: FeatureSpace, batch_size: int,

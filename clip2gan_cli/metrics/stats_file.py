@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserInputError
-from ..fileutil import atomic_path
+from ..fileutil import atomic_savez
 from .feature_spaces import FeatureSpace
 
 NO_MODE = "none"  # the mode of CLIP-space statistics: the CLIP's own preprocessing
@@ -30,13 +30,10 @@ def save_statistics(path: str | os.PathLike, statistics: dict, space: FeatureSpa
     path = Path(path)
     if path.is_dir():
         raise UserInputError(f"statistics file {path} is a folder")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:  # a handle, so numpy does not append ".npz" to the temp name
-            np.savez(handle, mu=statistics["mu"], sigma=statistics["sigma"], mode=np.str_(space_mode(space)),
-                     features=np.str_(space.name), feature_model=np.str_(space.description),
-                     feature_weights_sha256=np.str_(space.weights_sha256), resize=np.str_(space.resize),
-                     n_images=n_images, n_skipped=n_skipped)
-    return path
+    return atomic_savez(path, mu=statistics["mu"], sigma=statistics["sigma"], mode=np.str_(space_mode(space)),
+                        features=np.str_(space.name), feature_model=np.str_(space.description),
+                        feature_weights_sha256=np.str_(space.weights_sha256), resize=np.str_(space.resize),
+                        n_images=n_images, n_skipped=n_skipped)
 
 
 def load_statistics(path: str | os.PathLike) -> dict:
