@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from ...fileutil import atomic_path
+from ...fileutil import atomic_path, atomic_write_text
 from ...mapper import load_mapper
 from ...packs.shapes import PACK_DIR, data
 from ...pipeline import parse_layers
@@ -67,8 +67,7 @@ class BuildState:
         entry["seconds"] = round(entry.get("seconds", 0.0) + seconds, 1)
         entry["done"] = done
         entry.update(extra)
-        with atomic_path(self.path) as tmp:
-            Path(tmp).write_text(json.dumps(self.data, indent=2) + "\n")
+        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
     def times(self) -> dict:
         return {stage: entry.get("seconds", 0.0) for stage, entry in self.data["stages"].items()}
@@ -341,8 +340,7 @@ def main(argv=None) -> None:
     stage_seconds = {**earlier.get("stage_seconds", {}), **state.times()}
     times = {**earlier, "stage_seconds": stage_seconds, "total_seconds": round(sum(stage_seconds.values()), 1),
              "seed": args.seed, "threads": args.threads}
-    with atomic_path(times_path) as tmp:
-        Path(tmp).write_text(json.dumps(times, indent=2) + "\n")
+    atomic_write_text(times_path, json.dumps(times, indent=2) + "\n")
     readable_by_all(times_path)
     log(f"pack in {args.pack_dir}: {json.dumps(times['stage_seconds'])}")
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...fileutil import atomic_path
+from ...fileutil import atomic_path, atomic_write_text
 from ...packs.shapes import data
 from ...tokenizer import VocabTokenizer
 from ...train.checkpoints import sort_safetensors_header
@@ -125,8 +125,7 @@ def export_clip(model, tokenizer: VocabTokenizer, out_dir: Path) -> None:
     with atomic_path(out_dir / "clip.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "model_name": MODEL_NAME})
     sort_safetensors_header(out_dir / "clip.safetensors")  # same weights, same bytes
-    with atomic_path(out_dir / "clip_config.json") as tmp:
-        Path(tmp).write_text(json.dumps(pack_clip_config(tokenizer), indent=2) + "\n")
+    atomic_write_text(out_dir / "clip_config.json", json.dumps(pack_clip_config(tokenizer), indent=2) + "\n")
 
 
 def step_seed(seed: int, step: int) -> int:
