@@ -27,14 +27,15 @@ def _warn(message: str) -> None:
 def _clip_weights_sha256(pack) -> str:
     """sha256 of the pack's CLIP weights: pinned in the registry, else hashed from the file or the tensors."""
     from .. import weights
-    from . import fid
+    from ..fileutil import sha256_file
+    from .feature_spaces import state_dict_sha256
 
     reference = getattr(pack.info, "clip_weights", None) if pack.info is not None else None
     entry = weights.load_registry().files.get(reference) if reference else None
     if entry is not None and entry.sha256:
         return entry.sha256  # fetch() verified the file against it; no need to hash 600 MB again
     clip_weights = pack.paths.get("clip_weights")
-    return fid.sha256_file(clip_weights) if clip_weights else fid.state_dict_sha256(pack.clip)
+    return sha256_file(clip_weights) if clip_weights else state_dict_sha256(pack.clip)
 
 
 def _registry_file(name: str, progress: bool):

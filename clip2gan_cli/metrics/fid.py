@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import ImageError, UserInputError
-from ..fileutil import atomic_savez, sha256_file  # noqa: F401 (sha256_file: re-exported for callers)
-from .feature_spaces import (FID_MODES, INCEPTION_FEATURE_LAYER, ClipFeatureSpace, DinoV2FeatureSpace,  # noqa: F401
-                             FeatureSpace, InceptionFeatureSpace, extract_features, state_dict_sha256)
-from .images import IMAGE_EXTENSIONS, images_to_uint8, list_image_files, read_rgb_uint8  # noqa: F401
+from ..fileutil import atomic_savez
+# ClipFeatureSpace and InceptionFeatureSpace: re-exported for bench/shapes_quality.py and the tests.
+from .feature_spaces import ClipFeatureSpace, FeatureSpace, InceptionFeatureSpace, extract_features  # noqa: F401
+from .images import list_image_files, read_rgb_uint8
 
 if TYPE_CHECKING:  # torch is imported lazily (the CLI imports this module inside a command)
     import torch
