@@ -428,6 +428,10 @@ class SynthesisLayer(_OpsUser):
             self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
 
+    def draw_noise(self, batch: int, device, dtype) -> torch.Tensor:
+        """Raw N(0,1) maps [batch, 1, r, r]: what noise_mode 'random' adds (times noise_strength)."""
+        return torch.randn([batch, 1, self.resolution, self.resolution], device=device, dtype=dtype)
+
     def forward(self, x, w, noise_mode="const", noise=None, fused_modconv=True, gain=1.0):
         """`noise` (raw N(0,1), broadcastable to [N,1,r,r]) overrides `noise_mode` when given."""
         styles = self.affine(w)
@@ -436,8 +440,7 @@ class SynthesisLayer(_OpsUser):
             if noise is not None:
                 scaled_noise = noise.to(x.dtype) * self.noise_strength
             elif noise_mode == "random":
-                raw = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device, dtype=x.dtype)
-                scaled_noise = raw * self.noise_strength
+                scaled_noise = self.draw_noise(x.shape[0], x.device, x.dtype) * self.noise_strength
             elif noise_mode == "const":
                 scaled_noise = self.noise_const * self.noise_strength
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
@@ -513,11 +516,15 @@ class SynthesisBlock(_OpsUser):
     def layer_names(self) -> list[str]:
         return ["conv1"] if self.in_channels == 0 else ["conv0", "conv1"]
 
+    def default_fused_modconv(self, dtype, batch: int) -> bool:
+        """NVIDIA's rule: the grouped conv only in eval, in float32 (or with a batch of one)."""
+        return (not self.training) and (dtype == torch.float32 or batch == 1)
+
     def random_noise(self, batch: int, device, dtype) -> dict:
         """The raw N(0,1) maps the layers draw themselves under noise_mode 'random', drawn the same way
         in the same order (so the whole batch can be drawn before the block runs in chunks)."""
-        return {name: torch.randn([batch, 1, self.resolution, self.resolution], device=device, dtype=dtype)
-                for name in self.layer_names() if getattr(self, name).use_noise}
+        layers = [(name, getattr(self, name)) for name in self.layer_names()]
+        return {name: layer.draw_noise(batch, device, dtype) for name, layer in layers if layer.use_noise}
 
     def forward(self, x, img, ws, noise_mode="const", noise=None, fused_modconv=None, dtype=None,
                 memory_format=torch.preserve_format):
@@ -531,7 +538,7 @@ class SynthesisBlock(_OpsUser):
         w_rows = ws.unbind(dim=1)
         dtype = ws.dtype if dtype is None else dtype
         if fused_modconv is None:
-            fused_modconv = (not self.training) and (dtype == torch.float32 or ws.shape[0] == 1)
+            fused_modconv = self.default_fused_modconv(dtype, ws.shape[0])
         if self.in_channels == 0:
             x = self.const.unsqueeze(0).to(dtype=dtype, memory_format=memory_format)
             x = x.repeat([ws.shape[0], 1, 1, 1])
@@ -648,7 +655,7 @@ class SynthesisNetwork(nn.Module):
             block_fused = fused_modconv
             if chunking and block.activation_heavy:  # decide for the whole batch what it would do unchunked
                 if block_fused is None:
-                    block_fused = (not self.training) and (block_layout["dtype"] == torch.float32 or ws.shape[0] == 1)
+                    block_fused = block.default_fused_modconv(block_layout["dtype"], ws.shape[0])
                 if noise_mode == "random":
                     block_noise = {**block.random_noise(ws.shape[0], ws.device, block_layout["dtype"]),
                                    **(block_noise or {})}
