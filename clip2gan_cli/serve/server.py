@@ -17,6 +17,8 @@ from ..errors import Clip2ganError, UserInputError
 from .app import MAX_UPLOAD_BYTES, ServeApp, error_message
 from .page import PAGE
 
+PAGE_BYTES = PAGE.encode("utf-8")  # the page never changes while serving: encoded once
+
 MAX_JSON_BYTES = 1024 * 1024
 CONTENT_TYPES = {".png": "image/png", ".gif": "image/gif", ".mp4": "video/mp4",
                  ".safetensors": "application/octet-stream"}
@@ -72,7 +74,7 @@ class Handler(BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         try:
             if url.path in ("/", "/index.html"):
-                self._send(200, PAGE.encode("utf-8"), "text/html; charset=utf-8")
+                self._send(200, PAGE_BYTES, "text/html; charset=utf-8")
             elif url.path == "/api/model":
                 self._json(200, self.server.app.model_info())
             elif url.path.startswith("/files/"):
