@@ -224,7 +224,7 @@ def save_with_usage_defaults(mapper, args) -> None:
 
 def mapper_run_finished(run_dir: Path, steps: int) -> bool:
     """True when the mapper run wrote its final checkpoint (step == steps) and mapper.safetensors."""
-    done = checkpoint_paths(run_dir) if (run_dir / "checkpoints").is_dir() else []
+    done = checkpoint_paths(run_dir)  # [] when there is no checkpoints/ folder
     return bool(done) and done[-1][0] >= steps and (run_dir / "mapper.safetensors").is_file()
 
 
