@@ -83,8 +83,10 @@ def compare_run_configs(a: Path, b: Path, roots_a: tuple[Path, Path], roots_b: t
 
 def compare_builds(pack_a: Path, pack_b: Path, work: tuple[Path, Path] | None = None) -> list[tuple[str, str, str | None]]:
     """(file, verdict, problem) for every file of either pack (and the mapper run configs with `work`)."""
-    pairs = [(name, pack_a / name, pack_b / name)
-             for name in sorted({p.name for p in pack_a.iterdir()} | {p.name for p in pack_b.iterdir()})]
+    def files(pack: Path) -> set[str]:  # files only: a folder such as __pycache__ is no part of the pack
+        return {p.name for p in pack.iterdir() if p.is_file()}
+
+    pairs = [(name, pack_a / name, pack_b / name) for name in sorted(files(pack_a) | files(pack_b))]
     rows = []
     for name, a, b in pairs:
         if not (a.is_file() and b.is_file()):
